@@ -1,0 +1,4 @@
+"""The MoE language model (Flax NNX)."""
+from moejax.model.transformer import Transformer
+
+__all__ = ["Transformer"]

@@ -1,0 +1,30 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="moejax",
+    version="0.1.0",
+    description="Train Mixture-of-Experts language models in JAX/Flax on TPU, GPU or CPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["moejax", "moejax.*"]),
+    package_data={"moejax": ["py.typed"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.9",
+        "importlib_resources",  # tfds reads ArrayRecord without TensorFlow only with this present
+        "sentencepiece>=0.2",
+        "chex>=0.1.90",
+        "pyyaml>=6",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
