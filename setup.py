@@ -20,6 +20,7 @@ setup(
         "sentencepiece>=0.2",
         "chex>=0.1.90",
         "pyyaml>=6",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "numpy",
     ],
     extras_require={

@@ -89,6 +89,12 @@ class DataConfig:
     source: str = _f("tfds:moejax_tasks", "Where examples come from: tfds:NAME or jsonl:PATH.")
     seq_len: int = _f(256, "Tokens per packed training sequence.", min=2)
     format: str = _f("auto", "Record format of jsonl sources (auto = inferred from the first line).")
+    tokenizer: str = _f("", "SentencePiece model file; empty = train one from the data into "
+                        "WORKDIR/tokenizer.model on first use.")
+    skip_bad_lines: bool = _f(False, "Skip (and count) malformed jsonl lines instead of stopping.")
+    tfds_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or ~/tensorflow_datasets.")
+    eval_split: str = _f("validation", "Split used for validation loss and exact-match accuracy.")
+    eval_questions: int = _f(32, "Held-out questions per domain for exact-match accuracy.", min=0)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,19 @@ class TrainConfig:
     dtype: str = _f("float32", "Compute dtype; parameters and router math stay float32.",
                     choices=("float32", "bfloat16"))
     workdir: str = _f("runs/default", "Directory of the run: metrics, checkpoints, resolved config.")
+    warmup_steps: int = _f(100, "Linear warm-up steps before the cosine decay.", min=0)
+    min_lr_ratio: float = _f(0.1, "Final learning rate as a fraction of train.lr.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay (matrices only; not norms).", min=0.0)
+    b1: float = _f(0.9, "Adam beta1.", min=0.0, max=1.0)
+    b2: float = _f(0.95, "Adam beta2.", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this (0 = no clipping).", min=0.0)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (batch_size must divide by it).", min=1)
+    remat: bool = _f(False, "Recompute each block's activations in the backward pass (saves memory).")
+    skip_nonfinite: bool = _f(False, "Skip the update of a step whose loss or gradients are not finite "
+                              "(instead of stopping the run).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept (the latest N).", min=1)
+    peak_tflops: float = _f(0.0, "Peak TFLOP/s per device for MFU; 0 = look up the device kind "
+                            "(measured by a matmul probe on CPU).", min=0.0)
     log_every: int = _f(10, "Steps between metric lines.", min=1)
     eval_every: int = _f(100, "Steps between evaluations.", min=1)
     save_every: int = _f(500, "Steps between checkpoints.", min=1)

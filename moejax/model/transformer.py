@@ -25,6 +25,15 @@ class Block(nnx.Module):
         self.ffn = (MoEBlock(cfg, rngs=rngs) if self.is_moe
                     else SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, rngs=rngs))
 
+    def __call__(self, x, positions, mask, valid, tokens):
+        """Returns the new residual stream and the MoE output (None for a dense FFN)."""
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        h = self.ffn_norm(x)
+        if not self.is_moe:
+            return x + self.ffn(h), None
+        out = self.ffn(h, valid_bt=valid, token_ids_bt=tokens)
+        return x + out.y, out
+
 
 class Transformer(nnx.Module):
     """Llama-style decoder whose FFNs are (every N-th, after the first K) MoE blocks.
@@ -38,9 +47,11 @@ class Transformer(nnx.Module):
     the routing statistics; `positions` (int[B, T]) restart RoPE positions per example.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 remat: bool = False):
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.remat = remat
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -57,15 +68,12 @@ class Transformer(nnx.Module):
 
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
         moe_outs = []
+        # Rematerialisation: keep only each block's input for the backward pass, recompute the rest.
+        run = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
         for block in self.blocks:
-            x = x + block.attn(block.attn_norm(x), positions, mask)
-            h = block.ffn_norm(x)
-            if block.is_moe:
-                out = block.ffn(h, valid_bt=valid, token_ids_bt=tokens_bt)
+            x, out = run(block, x, positions, mask, valid, tokens_bt)
+            if out is not None:
                 moe_outs.append(out)
-                x = x + out.y
-            else:
-                x = x + block.ffn(h)
         x = self.final_norm(x)
         head = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype),

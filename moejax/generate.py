@@ -1,0 +1,35 @@
+"""`python -m moejax.generate --workdir RUN --prompt "..."`: answer prompts with a trained checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+from moejax.data.example import Example
+from moejax.decode import generate
+from moejax.errors import UserError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moejax.generate", description=__doc__)
+    p.add_argument("--workdir", required=True, help="run directory (train.workdir)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a user message (repeatable: each is answered on its own)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise UserError("--max-new-tokens must be >= 1 and --temperature >= 0")
+    from moejax.train import restore_model  # heavy imports after argument checks
+
+    _, model, tok = restore_model(args.workdir)
+    prompts = [tok.encode_prompt(Example((("user", text),))) for text in args.prompt]
+    outs = generate(model, prompts, max_new=args.max_new_tokens, stop_ids=[tok.end_id, tok.eos_id],
+                    pad_id=tok.pad_id, temperature=args.temperature, seed=args.seed)
+    for text, out in zip(args.prompt, outs):
+        answer = tok.decode([t for t in out if t not in (tok.end_id, tok.eos_id)])
+        print(f"> {text}\n{answer}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

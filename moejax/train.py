@@ -1,0 +1,353 @@
+"""`python -m moejax.train --config CFG [--set key.path=value ...]`: train, or resume, an MoE LM.
+
+Everything of a run goes to `train.workdir`: config.yaml (resolved), tokenizer.model (when trained
+here), metrics.jsonl, tensorboard/, checkpoints/. Running the same command again resumes from the
+latest checkpoint, data position included, and gives the same losses as never stopping.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from moejax import config as config_lib
+from moejax import flops as flops_lib
+from moejax.checkpoint import Checkpointer
+from moejax.config import Config
+from moejax.data import open_source
+from moejax.data.packing import Packer
+from moejax.errors import UserError, run_cli
+from moejax.evaluate import exact_match, held_out_questions
+from moejax.metrics import MetricsWriter
+from moejax.model import Transformer
+from moejax.optim import make_optimizer, schedule
+
+EVAL_BATCHES = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure pieces: model/state construction, loss, the jitted steps.
+
+
+def build_model(cfg: Config) -> Transformer:
+    return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.train.dtype),
+                       remat=cfg.train.remat)
+
+
+def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> dict[str, Any]:
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+    """Sum over masked positions of the next-token cross-entropy (float32)."""
+    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask_bt)
+
+
+def _forward(graphdef, params, batch):
+    model = nnx.merge(graphdef, params)
+    return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config) -> Callable:
+    """state, batch -> state, metrics. Total loss = LM loss + aux_coef * aux + z_coef * z; with
+    grad_accum = A the batch is split into A micro-batches whose gradients are summed, which equals
+    the full-batch gradient (the LM loss is normalised by the whole batch's target count)."""
+    moe, tc = cfg.model.moe, cfg.train
+    lr_at = schedule(tc)
+
+    def step(state, batch):
+        params = state["params"]
+        a = tc.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+        n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def one(grads, mb):
+            def loss_fn(p):
+                logits, aux = _forward(graphdef, p, mb)
+                ce = lm_loss_sum(logits, mb["targets"], mb["loss_mask"])
+                reg = moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"]
+                return ce / n_targets + reg / a, (ce, aux)
+
+            (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            outs = (ce, aux["aux_loss"], aux["z_loss"], aux["expert_load"], aux["dropped_fraction"])
+            return jax.tree.map(jnp.add, grads, g), outs
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (ce, aux_l, z_l, load, dropped) = jax.lax.scan(one, zeros, micro)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        loss = jnp.sum(ce) / n_targets
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if tc.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+        first_bad = jnp.where((state["nonfinite_step"] < 0) & ~finite, state["step"] + 1,
+                              state["nonfinite_step"])
+        load = jnp.mean(load, axis=0)
+        metrics = {
+            "loss": loss, "aux_loss": jnp.mean(aux_l), "z_loss": jnp.mean(z_l),
+            "grad_norm": grad_norm, "lr": lr_at(state["step"]), "dropped_fraction": jnp.mean(dropped),
+            "expert_load": load / jnp.maximum(jnp.sum(load, axis=-1, keepdims=True), 1.0),
+            "skipped": (~finite).astype(jnp.int32) if tc.skip_nonfinite else jnp.zeros((), jnp.int32),
+        }
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
+                     "nonfinite_step": first_bad}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(graphdef) -> Callable:
+    @jax.jit
+    def eval_step(params, batch):
+        logits, _ = _forward(graphdef, params, batch)
+        return lm_loss_sum(logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Run setup: workdir, tokenizer, data, checkpoint.
+
+
+def prepare_workdir(cfg: Config) -> str:
+    """Create the workdir; refuse a workdir whose earlier run had another model architecture."""
+    workdir = cfg.train.workdir
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.yaml")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = (yaml.safe_load(f) or {}).get("model")
+        new = config_lib.to_dict(cfg)["model"]
+        if old is not None and old != new:
+            diff = [k for k in new if old.get(k) != new[k]]
+            raise UserError(f"train.workdir {workdir!r} holds a run with another model config "
+                            f"(model.{diff[0]} was {old.get(diff[0])!r}, now {new[diff[0]]!r}); "
+                            "use a new train.workdir")
+    if jax.process_index() == 0:
+        config_lib.dump(cfg, path)
+    return workdir
+
+
+def load_tokenizer(cfg: Config, workdir: str, train_source):
+    from moejax.data.formats import iter_texts
+    from moejax.tokenizer import Tokenizer, train_tokenizer
+
+    path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(path):
+        if cfg.data.tokenizer:
+            raise UserError(f"data.tokenizer {path!r} does not exist")
+        print(f"training a {cfg.model.vocab_size}-token SentencePiece tokenizer on {cfg.data.source} "
+              f"-> {path}", flush=True)
+        train_tokenizer(iter_texts(train_source, limit=20000), cfg.model.vocab_size, path)
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"tokenizer {path!r} has {tok.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; raise model.vocab_size or use another tokenizer")
+    return tok
+
+
+def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
+    """The config, model (latest checkpoint's parameters) and tokenizer of a run directory."""
+    from moejax.tokenizer import Tokenizer
+
+    cfg_path = os.path.join(workdir, "config.yaml")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"{workdir!r} is not a moejax run directory (no config.yaml)")
+    cfg = config_lib.load(cfg_path)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if ckpt.latest_step() is None:
+        raise UserError(f"run directory {workdir!r} has no checkpoint yet")
+    model = build_model(cfg)
+    graphdef, params = nnx.split(model)
+    abstract = init_state(params, make_optimizer(cfg.train))
+    state, _ = ckpt.restore(abstract)
+    ckpt.close()
+    model = nnx.merge(graphdef, state["params"])
+    tok_path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    return cfg, model, Tokenizer.load(tok_path)
+
+
+class _StopRequest:
+    """SIGTERM (a preempted VM) or SIGINT ask the loop to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training; returns the last logged metrics (with the final eval)."""
+    tc = cfg.train
+    if tc.batch_size % tc.grad_accum:
+        raise UserError(f"train.batch_size = {tc.batch_size} is not divisible by train.grad_accum = "
+                        f"{tc.grad_accum}")
+    workdir = prepare_workdir(cfg)
+    train_src = open_source(cfg.data.source, "train", cfg.data)
+    eval_src = open_source(cfg.data.source, cfg.data.eval_split, cfg.data)
+    tokenizer = load_tokenizer(cfg, workdir, train_src)
+    packer = Packer(train_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
+                    shard_index=jax.process_index(), shard_count=jax.process_count())
+    eval_packer = Packer(eval_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
+    eval_batches = [next(eval_packer) for _ in range(EVAL_BATCHES)]
+    questions = held_out_questions(eval_src, cfg.data.eval_questions)
+
+    model = build_model(cfg)
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(tc)
+    state = init_state(params, optimizer)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        packer.set_state(data_state)
+        start = int(state["step"])
+        print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    print(f"model: {n_params / 1e6:.2f}M parameters "
+          f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}", flush=True)
+
+    train_step = make_train_step(graphdef, optimizer, cfg)
+    eval_step = make_eval_step(graphdef)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    stop = _StopRequest()
+    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    flops_per_step = flops_lib.train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    peak = flops_lib.peak_tflops(override=tc.peak_tflops)
+
+    def evaluate(params) -> dict[str, float]:
+        sums = [jax.device_get(eval_step(params, jax.tree.map(jnp.asarray, b))) for b in eval_batches]
+        out = {"eval_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
+        out.update(exact_match(nnx.merge(graphdef, params), tokenizer, questions))
+        return out
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, packer.get_state())
+
+    window: list[dict] = []  # metrics since the last log line (device arrays: no host sync per step)
+    timed = 0                # steps of the window that count for throughput (not the compile step)
+    t_window = time.perf_counter()
+    t_first = None
+    last: dict[str, Any] = {}
+    step = start
+    try:
+        while step < tc.steps:
+            batch = jax.tree.map(jnp.asarray, next(packer))
+            state, metrics = train_step(state, batch)
+            step += 1
+            window.append(metrics)
+            timed += 1
+            if t_first is None:  # the first step includes compilation; time the ones after it
+                jax.block_until_ready(metrics["loss"])
+                t_first = t_window = time.perf_counter()
+                timed = 0
+            if step % tc.log_every == 0 or step == tc.steps:
+                last = _log(step, window, timed, t_window, t_first, start, tc, tokens_per_step,
+                            flops_per_step, peak, writer)
+                _check_finite(state, tc)
+                window, timed, t_window = [], 0, time.perf_counter()
+            if step % tc.eval_every == 0 or step % tc.save_every == 0:
+                jax.block_until_ready(state["step"])  # finish the pending steps inside the window
+            t_pause = time.perf_counter()  # eval and checkpoint time is not training throughput
+            if step % tc.eval_every == 0 or step == tc.steps:
+                _check_finite(state, tc)
+                ev = evaluate(state["params"])
+                writer.write(step, ev)
+                last.update(ev)
+                print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
+            if step % tc.save_every == 0 or step == tc.steps:
+                _check_finite(state, tc)
+                save(step)
+            paused = time.perf_counter() - t_pause
+            t_window += paused
+            if t_first is not None:
+                t_first += paused
+            if stop.signal:
+                _check_finite(state, tc)
+                if step % tc.save_every and step != tc.steps:
+                    save(step)
+                ckpt.wait()
+                print(f"{stop.signal} received: saved a checkpoint at step {step}; run the same "
+                      "command to resume", flush=True)
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return last
+
+
+def _check_finite(state, tc) -> None:
+    bad = int(state["nonfinite_step"])
+    if bad >= 0 and not tc.skip_nonfinite:
+        raise UserError(f"the loss or gradients became NaN/inf at step {bad}; lower train.lr, set "
+                        "train.grad_clip, or set train.skip_nonfinite=true to skip such steps")
+
+
+def _log(step, window, timed, t_window, t_first, start, tc, tokens_per_step, flops_per_step, peak,
+         writer) -> dict[str, Any]:
+    host = jax.device_get(window)
+    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "expert_load"}
+    scalars["skipped"] = int(sum(m["skipped"] for m in host))
+    out: dict[str, Any] = dict(scalars)
+    speed = ""
+    if timed:
+        step_time = (time.perf_counter() - t_window) / timed
+        tflops = flops_per_step / step_time / jax.device_count() / 1e12
+        out.update(tokens_per_sec=tokens_per_step / step_time, step_time_s=step_time,
+                   tflops_per_device=tflops, mfu=tflops / peak if peak else None)
+        speed = f" | {out['tokens_per_sec']:,.0f} tok/s"
+        if out["mfu"] is not None:
+            speed += f" | MFU {100 * out['mfu']:.1f}%"
+    out["expert_load"] = np.mean([m["expert_load"] for m in host], axis=0).round(4)
+    writer.write(step, out)
+    rate = (time.perf_counter() - t_first) / max(step - start - 1, 1)
+    print(f"step {step}/{tc.steps} | loss {scalars['loss']:.4f} | aux {scalars['aux_loss']:.3f}"
+          f"{speed} | lr {scalars['lr']:.2e} | ETA {_fmt_time(rate * (tc.steps - step))}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moejax.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.steps=100")
+    args = p.parse_args(argv)
+    cfg = config_lib.load(args.config, args.set)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
