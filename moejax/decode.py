@@ -20,8 +20,8 @@ def _decode(graphdef, params, buf_bl, lengths_b, stop_ids, rng, *, max_new: int,
     b, total = buf_bl.shape
     rows = jnp.arange(b)
 
-    def step(i, carry):
-        buf, lengths, done, rng = carry
+    def step(carry):
+        i, buf, lengths, done, rng = carry
         segment = (jnp.arange(total)[None, :] < lengths[:, None]).astype(jnp.int32)
         logits, _ = model(buf, segment_ids=segment)
         last = logits[rows, lengths - 1]
@@ -35,15 +35,16 @@ def _decode(graphdef, params, buf_bl, lengths_b, stop_ids, rng, *, max_new: int,
             jnp.where(write, nxt, buf[rows, jnp.minimum(lengths, total - 1)]))
         lengths = lengths + write.astype(lengths.dtype)
         done = done | (write & jnp.isin(nxt, stop_ids))
-        return buf, lengths, done, rng
+        return i + 1, buf, lengths, done, rng
 
-    init = (buf_bl, lengths_b, jnp.zeros((b,), bool), rng)
-    buf, lengths, _, _ = jax.lax.fori_loop(0, max_new, step, init)
+    # A while loop (decoding needs no gradients) stops as soon as every row has ended.
+    init = (0, buf_bl, lengths_b, jnp.zeros((b,), bool), rng)
+    _, buf, lengths, _, _ = jax.lax.while_loop(lambda c: (c[0] < max_new) & ~jnp.all(c[3]), step, init)
     return buf, lengths
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new: int, stop_ids: Sequence[int],
-             pad_id: int = 0, temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
+             pad_id: int = 0, temperature: float = 0.0, seed: int = 0, batch_size: int = 128,
              ) -> list[list[int]]:
     """Continue each prompt by up to `max_new` tokens; a continuation ends after its first stop id
     (included). Prompts are right-padded to a shared bucketed length so few shapes compile."""

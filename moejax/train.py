@@ -22,6 +22,7 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax import flops as flops_lib
+from moejax import parallel
 from moejax.checkpoint import Checkpointer
 from moejax.config import Config
 from moejax.data import open_source
@@ -47,6 +48,25 @@ def build_model(cfg: Config) -> Transformer:
 def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> dict[str, Any]:
     return {"params": params, "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32), "nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def create_sharded_state(cfg: Config, mesh, optimizer: optax.GradientTransformation):
+    """(graphdef, state) with every parameter created directly in its sharding (no full copy on
+    one device first) and the optimizer state following its parameter."""
+    abstract = nnx.eval_shape(lambda: build_model(cfg))
+    graphdef, abstract_params = nnx.split(abstract)
+    shardings = parallel.state_shardings(abstract_params, mesh)
+    params = jax.jit(lambda: nnx.split(build_model(cfg))[1], out_shardings=shardings)()
+    # Optimizer moments take their parameter's sharding; counters and scalars are replicated.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
+                                   transform_non_params=lambda _: replicated)
+    out_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated,
+              "nonfinite_step": replicated}
+    state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=out_sh)(params)
+    return graphdef, state
 
 
 def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
@@ -108,7 +128,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
                      "nonfinite_step": first_bad}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
 
 
 def make_eval_step(graphdef) -> Callable:
@@ -161,6 +181,23 @@ def load_tokenizer(cfg: Config, workdir: str, train_source):
     return tok
 
 
+def _prepare_data(cfg: Config, workdir: str):
+    """Open the sources and load (or train) the tokenizer; with several processes, process 0 does
+    any building first (the embedded dataset, the tokenizer) and the others then read it."""
+    def prepare():
+        train_src = open_source(cfg.data.source, "train", cfg.data)
+        eval_src = open_source(cfg.data.source, cfg.data.eval_split, cfg.data)
+        return train_src, eval_src, load_tokenizer(cfg, workdir, train_src)
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        out = prepare()
+    multihost_utils.sync_global_devices("moejax: data and tokenizer ready")
+    return out if jax.process_index() == 0 else prepare()
+
+
 def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
     """The config, model (latest checkpoint's parameters) and tokenizer of a run directory."""
     from moejax.tokenizer import Tokenizer
@@ -210,10 +247,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if tc.batch_size % tc.grad_accum:
         raise UserError(f"train.batch_size = {tc.batch_size} is not divisible by train.grad_accum = "
                         f"{tc.grad_accum}")
+    mesh = parallel.make_mesh(cfg)
     workdir = prepare_workdir(cfg)
-    train_src = open_source(cfg.data.source, "train", cfg.data)
-    eval_src = open_source(cfg.data.source, cfg.data.eval_split, cfg.data)
-    tokenizer = load_tokenizer(cfg, workdir, train_src)
+    train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)
     packer = Packer(train_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
                     shard_index=jax.process_index(), shard_count=jax.process_count())
     eval_packer = Packer(eval_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
@@ -221,10 +257,9 @@ def train(cfg: Config) -> dict[str, Any]:
     eval_batches = [next(eval_packer) for _ in range(EVAL_BATCHES)]
     questions = held_out_questions(eval_src, cfg.data.eval_questions)
 
-    model = build_model(cfg)
-    graphdef, params = nnx.split(model)
     optimizer = make_optimizer(tc)
-    state = init_state(params, optimizer)
+    graphdef, state = create_sharded_state(cfg, mesh, optimizer)
+    params = state["params"]
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
@@ -237,7 +272,11 @@ def train(cfg: Config) -> dict[str, Any]:
           f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}", flush=True)
 
-    train_step = make_train_step(graphdef, optimizer, cfg)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None))
     eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     stop = _StopRequest()
@@ -246,14 +285,22 @@ def train(cfg: Config) -> dict[str, Any]:
     peak = flops_lib.peak_tflops(override=tc.peak_tflops)
 
     def evaluate(params) -> dict[str, float]:
-        sums = [jax.device_get(eval_step(params, jax.tree.map(jnp.asarray, b))) for b in eval_batches]
+        sums = [jax.device_get(eval_step(params, parallel.put_batch(b, mesh))) for b in eval_batches]
         out = {"eval_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
         out.update(exact_match(nnx.merge(graphdef, params), tokenizer, questions))
         return out
 
-    def save(step: int) -> None:
+    def save(step: int, state) -> None:
         ckpt.save(step, state, packer.get_state())
 
+    with parallel.use_mesh(mesh):
+        return _loop(cfg, mesh, state, packer, train_step, evaluate, save, ckpt, writer, stop,
+                     start, tokens_per_step, flops_per_step, peak)
+
+
+def _loop(cfg, mesh, state, packer, train_step, evaluate, save, ckpt, writer, stop, start,
+          tokens_per_step, flops_per_step, peak) -> dict[str, Any]:
+    tc = cfg.train
     window: list[dict] = []  # metrics since the last log line (device arrays: no host sync per step)
     timed = 0                # steps of the window that count for throughput (not the compile step)
     t_window = time.perf_counter()
@@ -262,8 +309,7 @@ def train(cfg: Config) -> dict[str, Any]:
     step = start
     try:
         while step < tc.steps:
-            batch = jax.tree.map(jnp.asarray, next(packer))
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, parallel.put_batch(next(packer), mesh))
             step += 1
             window.append(metrics)
             timed += 1
@@ -287,7 +333,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
             if step % tc.save_every == 0 or step == tc.steps:
                 _check_finite(state, tc)
-                save(step)
+                save(step, state)
             paused = time.perf_counter() - t_pause
             t_window += paused
             if t_first is not None:
@@ -295,7 +341,7 @@ def train(cfg: Config) -> dict[str, Any]:
             if stop.signal:
                 _check_finite(state, tc)
                 if step % tc.save_every and step != tc.steps:
-                    save(step)
+                    save(step, state)
                 ckpt.wait()
                 print(f"{stop.signal} received: saved a checkpoint at step {step}; run the same "
                       "command to resume", flush=True)
@@ -345,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key (repeatable), e.g. --set train.steps=100")
     args = p.parse_args(argv)
     cfg = config_lib.load(args.config, args.set)
+    parallel.maybe_initialize_distributed()
     train(cfg)
     return 0
 

@@ -83,7 +83,8 @@ def test_gradient_accumulation_equals_full_batch():
                           "model.moe.z_loss_coef=0")
         graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
         opt = make_optimizer(cfg.train)
-        state, metrics = make_train_step(graphdef, opt, cfg)(init_state(params, opt), synthetic_batch())
+        step = jax.jit(make_train_step(graphdef, opt, cfg))
+        state, metrics = step(init_state(params, opt), synthetic_batch())
         results.append((state["params"], metrics["loss"]))
     assert float(results[0][1]) == pytest.approx(float(results[1][1]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
@@ -95,7 +96,7 @@ def test_train_step_compiles_once_and_counts_steps():
     cfg = tiny_config()
     graphdef, params = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
     opt = make_optimizer(cfg.train)
-    step = make_train_step(graphdef, opt, cfg)
+    step = jax.jit(make_train_step(graphdef, opt, cfg), donate_argnums=0)
     state = init_state(params, opt)
     for seed in range(3):
         state, metrics = step(state, synthetic_batch(seed=seed))

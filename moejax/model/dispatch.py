@@ -26,12 +26,19 @@ from moejax.registry import Registry
 
 
 class ExpertWeights(NamedTuple):
-    w_gate: jax.Array  # [E, D, F]
+    w_gate: jax.Array  # [E, D, F]  (under expert parallelism: this device's E / ep experts)
     w_up: jax.Array    # [E, D, F]
     w_down: jax.Array  # [E, F, D]
 
 
-DispatchFn = Callable[[jax.Array, ExpertWeights, Routing, MoEConfig], tuple[jax.Array, jax.Array]]
+class ExpertAxis(NamedTuple):
+    """Inside `shard_map`: the mesh axis the experts are split over, and its size. Device i of the
+    axis owns experts [i * E_local, (i + 1) * E_local)."""
+    name: str
+    size: int
+
+
+DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 DISPATCHERS: Registry[DispatchFn] = Registry("dispatch")
 
 GroupedFfnFn = Callable[[jax.Array, ExpertWeights, jax.Array, int], jax.Array]
@@ -71,8 +78,10 @@ def tile_layout(group_sizes_e: jax.Array, num_rows: int, tile: int) -> tuple[jax
     tile_end = jnp.cumsum(tiles_per_group)
     group_end = jnp.cumsum(gs)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
-    group = jnp.searchsorted(group_end, rows, side="right")
+    group = jnp.minimum(jnp.searchsorted(group_end, rows, side="right"), e - 1)
     dest = (tile_end - tiles_per_group)[group] * tile + rows - (group_end - gs)[group]
+    # Rows past the last group (padding of a fixed-size buffer) point past the end: dropped.
+    dest = jnp.where(rows < group_end[-1], dest, num_tiles * tile)
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), e - 1)
     return dest, tile_expert, num_tiles
 
@@ -88,14 +97,14 @@ def grouped_ffn_tiled(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: ja
     """
     n, d = x_nd.shape
     dest, tile_expert, num_tiles = tile_layout(group_sizes_e, n, tile)
-    x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, unique_indices=True)
+    x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, mode="drop")
 
     def one_tile(args):
         x_cd, e = args
         return swiglu(x_cd, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
 
     y = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, d), tile_expert))
-    return y.reshape(num_tiles * tile, -1)[dest]
+    return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
 
 
 @GROUPED_FFNS.register("auto")
@@ -111,15 +120,25 @@ def grouped_ffn_auto(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: jax
 
 
 @DISPATCHERS.register("dense")
-def dense_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig):
-    """Every expert computes every token; the (sparse) gates select. E/k times the FLOPs: a reference."""
+def dense_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig, ep: ExpertAxis | None = None):
+    """Every expert computes every token; the (sparse) gates select. E/k times the FLOPs: a reference.
+    Expert-parallel: the tokens of the expert group are all-gathered, each device applies its own
+    experts, and the partial outputs are reduce-scattered back to the tokens' devices."""
     t = x_td.shape[0]
-    e = experts.w_gate.shape[0]
+    e_local = experts.w_gate.shape[0]
+    e = e_local * (ep.size if ep else 1)
     gates_te = jnp.zeros((t, e), jnp.float32).at[r.token, r.expert].add(r.weight)
+    if ep:
+        x_td = jax.lax.all_gather(x_td, ep.name, tiled=True)
+        gates_te = jax.lax.all_gather(gates_te, ep.name, tiled=True)
+        gates_te = jax.lax.dynamic_slice_in_dim(gates_te, jax.lax.axis_index(ep.name) * e_local, e_local, 1)
     h = jax.nn.silu(jnp.einsum("td,edf->tef", x_td, experts.w_gate))
     h = h * jnp.einsum("td,edf->tef", x_td, experts.w_up)
     h = h * gates_te.astype(h.dtype)[:, :, None]
-    return jnp.einsum("tef,efd->td", h, experts.w_down), jnp.zeros((), jnp.int32)
+    y = jnp.einsum("tef,efd->td", h, experts.w_down)
+    if ep:
+        y = jax.lax.psum_scatter(y, ep.name, tiled=True)
+    return y, jnp.zeros((), jnp.int32)
 
 
 def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -127,15 +146,34 @@ def capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> 
     return max(1, math.ceil(num_assignments / num_experts * capacity_factor))
 
 
+def to_owners(buf_ecd: jax.Array, ep: ExpertAxis) -> jax.Array:
+    """[E, C, D] buffers for every expert -> [E_local, ep * C, D]: every device's buffers for the
+    experts this device owns (one all-to-all over the expert axis)."""
+    e, c, d = buf_ecd.shape
+    x = jax.lax.all_to_all(buf_ecd.reshape(ep.size, e // ep.size, c, d), ep.name, 0, 0)
+    return x.transpose(1, 0, 2, 3).reshape(e // ep.size, ep.size * c, d)
+
+
+def from_owners(out_ecd: jax.Array, ep: ExpertAxis) -> jax.Array:
+    """The inverse of `to_owners`: [E_local, ep * C, D] -> [E, C, D] back on the tokens' devices."""
+    e_local, ec, d = out_ecd.shape
+    x = out_ecd.reshape(e_local, ep.size, ec // ep.size, d).transpose(1, 0, 2, 3)
+    return jax.lax.all_to_all(x, ep.name, 0, 0).reshape(ep.size * e_local, ec // ep.size, d)
+
+
 @DISPATCHERS.register("capacity")
-def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig):
+def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
+                      ep: ExpertAxis | None = None):
     """Fixed-capacity buffers [E, C, D] (GShard / Switch). Assignments beyond an expert's C slots,
     in routing priority order, are dropped: the token gets nothing from that expert (the residual
     connection carries it). Same buffers as GShard's one-hot einsum, filled by index instead of by an
-    O(T*E*C*D) einsum."""
+    O(T*E*C*D) einsum.
+
+    Expert-parallel (inside shard_map): C is computed from this device's tokens (GShard's per-group
+    capacity), and the [E, C, D] buffers travel to the experts' owners and back by all-to-all."""
     t, d = x_td.shape
     n = r.token.shape[0]
-    e = experts.w_gate.shape[0]
+    e = experts.w_gate.shape[0] * (ep.size if ep else 1)
     c = capacity(n, e, cfg.capacity_factor)
     # Position of each assignment in its expert's buffer, in assignment (= priority) order.
     onehot_ne = jax.nn.one_hot(r.expert, e, dtype=jnp.int32)
@@ -144,24 +182,69 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig):
     slot = jnp.where(keep, r.expert * c + pos, e * c)  # dropped copies all land in one spare row
     buf = jnp.zeros((e * c + 1, d), x_td.dtype).at[slot].set(x_td[r.token])
     buf_ecd = buf[:-1].reshape(e, c, d)
+    if ep:
+        buf_ecd = to_owners(buf_ecd, ep)
     h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_gate))
     h = h * jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, experts.w_down).reshape(e * c, d)
+    out = jnp.einsum("ecf,efd->ecd", h, experts.w_down)
+    if ep:
+        out = from_owners(out, ep)
+    out = out.reshape(e * c, d)
     w = jnp.where(keep, r.weight, 0.0).astype(x_td.dtype)
     y_nd = out[jnp.minimum(slot, e * c - 1)] * w[:, None]
     y = jnp.zeros((t, d), x_td.dtype).at[r.token].add(y_nd)
     return y, jnp.sum(~keep).astype(jnp.int32)
 
 
+def grouped_by_expert(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeights, cfg: MoEConfig
+                      ) -> jax.Array:
+    """Each row through the SwiGLU of its expert (`expert_n`; the value E marks a padding row,
+    whose output is 0): sort by expert, grouped expert FFN, unsort. Used on the rows a device
+    receives under expert parallelism."""
+    order = jnp.argsort(expert_n, stable=True)
+    group_sizes = jnp.bincount(expert_n, length=experts.w_gate.shape[0])
+    y_sorted = GROUPED_FFNS.get(cfg.gmm)(x_nd[order], experts, group_sizes, cfg.tile_size)
+    return jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+
+
 @DISPATCHERS.register("dropless")
-def dropless_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig):
-    """Sort assignments by expert, grouped matmuls, weighted scatter-add back to tokens
-    (MegaBlocks, Gale et al. 2022). Nothing is dropped and nothing is padded to a capacity."""
+def dropless_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
+                      ep: ExpertAxis | None = None):
+    """Sort assignments by expert, grouped expert FFN, weighted scatter-add back to tokens
+    (MegaBlocks, Gale et al. 2022). Nothing is dropped and nothing is padded to a capacity.
+
+    Expert-parallel: rows go to their experts' owners and back by all-to-all with worst-case
+    buffers (see `expert_parallel_ffn`), so the result is still exactly dropless."""
     t, d = x_td.shape
-    order = jnp.argsort(r.expert, stable=True)
-    group_sizes = jnp.bincount(r.expert, length=experts.w_gate.shape[0])
-    token_sorted = r.token[order]
-    y_sorted = GROUPED_FFNS.get(cfg.gmm)(x_td[token_sorted], experts, group_sizes, cfg.tile_size)
-    y_sorted = y_sorted * r.weight[order].astype(x_td.dtype)[:, None]
-    y = jnp.zeros((t, d), x_td.dtype).at[token_sorted].add(y_sorted)
-    return y, jnp.zeros((), jnp.int32)
+    if ep is None:
+        order = jnp.argsort(r.expert, stable=True)
+        group_sizes = jnp.bincount(r.expert, length=experts.w_gate.shape[0])
+        token, weight = r.token[order], r.weight[order]
+        y_nd = GROUPED_FFNS.get(cfg.gmm)(x_td[token], experts, group_sizes, cfg.tile_size)
+    else:
+        token, weight = r.token, r.weight
+        y_nd = expert_parallel_ffn(x_td[token], r.expert, experts, cfg, ep)
+    y_nd = y_nd * weight.astype(x_td.dtype)[:, None]
+    return jnp.zeros((t, d), x_td.dtype).at[token].add(y_nd), jnp.zeros((), jnp.int32)
+
+
+def expert_parallel_ffn(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeights, cfg: MoEConfig,
+                        ep: ExpertAxis) -> jax.Array:
+    """Rows to their experts' owner devices, grouped FFN there, results back (inside shard_map).
+
+    The all-to-all is fixed-shape: device j's slot for this device holds up to N rows, since in the
+    worst case every row goes to one device, so nothing is ever dropped. (`ragged_all_to_all`
+    would move only the real rows, but XLA:CPU does not implement it.)"""
+    n, d = x_nd.shape
+    e_local = experts.w_gate.shape[0]
+    owner = expert_n // e_local
+    # Position of each row among the rows for the same owner, in row order.
+    onehot = jax.nn.one_hot(owner, ep.size, dtype=jnp.int32)
+    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), owner[:, None], axis=1)[:, 0] - 1
+    send = jnp.zeros((ep.size, n, d), x_nd.dtype).at[owner, pos].set(x_nd, unique_indices=True)
+    send_e = jnp.full((ep.size, n), e_local, jnp.int32).at[owner, pos].set(expert_n % e_local)
+    recv = jax.lax.all_to_all(send, ep.name, 0, 0)
+    recv_e = jax.lax.all_to_all(send_e, ep.name, 0, 0)
+    out = grouped_by_expert(recv.reshape(ep.size * n, d), recv_e.reshape(-1), experts, cfg)
+    back = jax.lax.all_to_all(out.reshape(ep.size, n, d), ep.name, 0, 0)
+    return back[owner, pos]

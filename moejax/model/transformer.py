@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import parallel
 from moejax.config import ModelConfig
 from moejax.model import routing
 from moejax.model.attention import Attention, attention_mask
@@ -67,6 +68,7 @@ class Transformer(nnx.Module):
         mask = attention_mask(jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids)
 
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
+        x = parallel.constrain(x, ("batch", "length", "act_embed"))
         moe_outs = []
         # Rematerialisation: keep only each block's input for the backward pass, recompute the rest.
         run = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
@@ -78,6 +80,7 @@ class Transformer(nnx.Module):
         head = self.embed[...].T if self.head is None else self.head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype),
                             preferred_element_type=jnp.float32)
+        logits = parallel.constrain(logits, ("batch", "length", "vocab"))
         return logits, moe_aux(moe_outs, self.cfg.moe.num_experts)
 
 
