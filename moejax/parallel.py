@@ -168,14 +168,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def maybe_initialize_distributed() -> None:
-    """Join a multi-process JAX system when the environment describes one: a TPU pod (JAX detects
-    it), `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`, or a SLURM job step
-    with more than one task. On CPU the processes talk through gloo collectives."""
+    """Join a multi-process JAX system when the environment describes one: a TPU pod slice
+    (`TPU_WORKER_HOSTNAMES`, or `MOEJAX_DISTRIBUTED=1` to let JAX detect it), `JAX_COORDINATOR_ADDRESS`
+    + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID`, or a SLURM job step with more than one task. On CPU the
+    processes talk through gloo collectives."""
     env = os.environ
     explicit = "JAX_COORDINATOR_ADDRESS" in env
     slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env
     tpu_pod = env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    if not (explicit or slurm or tpu_pod):
+    # MOEJAX_DISTRIBUTED=1 (set by tpu/run.sh): initialise with JAX's own detection, which reads
+    # a Cloud TPU VM's metadata when no environment variable describes the slice.
+    forced = env.get("MOEJAX_DISTRIBUTED", "") == "1"
+    if not (explicit or slurm or tpu_pod or forced):
         return
     if jax.config.jax_platforms in (None, "", "cpu") or env.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

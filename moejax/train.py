@@ -171,8 +171,8 @@ def load_tokenizer(cfg: Config, workdir: str, train_source):
     if not os.path.exists(path):
         if cfg.data.tokenizer:
             raise UserError(f"data.tokenizer {path!r} does not exist")
-        print(f"training a {cfg.model.vocab_size}-token SentencePiece tokenizer on {cfg.data.source} "
-              f"-> {path}", flush=True)
+        say(f"training a {cfg.model.vocab_size}-token SentencePiece tokenizer on {cfg.data.source} "
+              f"-> {path}")
         train_tokenizer(iter_texts(train_source, limit=20000), cfg.model.vocab_size, path)
     tok = Tokenizer.load(path)
     if tok.vocab_size > cfg.model.vocab_size:
@@ -231,6 +231,12 @@ class _StopRequest:
         self.signal = signal.Signals(signum).name
 
 
+def say(message: str) -> None:
+    """Progress output, from process 0 only (every host runs the same loop)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -266,11 +272,11 @@ def train(cfg: Config) -> dict[str, Any]:
         state, data_state = ckpt.restore(state)
         packer.set_state(data_state)
         start = int(state["step"])
-        print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+        say(f"resumed from {ckpt.directory} at step {start}")
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"model: {n_params / 1e6:.2f}M parameters "
+    say(f"model: {n_params / 1e6:.2f}M parameters "
           f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}", flush=True)
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
 
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = parallel.batch_sharding(mesh)
@@ -287,7 +293,9 @@ def train(cfg: Config) -> dict[str, Any]:
     def evaluate(params) -> dict[str, float]:
         sums = [jax.device_get(eval_step(params, parallel.put_batch(b, mesh))) for b in eval_batches]
         out = {"eval_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
-        out.update(exact_match(nnx.merge(graphdef, params), tokenizer, questions))
+        # Greedy decoding reads whole arrays on one host; across processes only the loss is measured.
+        if jax.process_count() == 1:
+            out.update(exact_match(nnx.merge(graphdef, params), tokenizer, questions))
         return out
 
     def save(step: int, state) -> None:
@@ -330,7 +338,7 @@ def _loop(cfg, mesh, state, packer, train_step, evaluate, save, ckpt, writer, st
                 ev = evaluate(state["params"])
                 writer.write(step, ev)
                 last.update(ev)
-                print(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()), flush=True)
+                say(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if step % tc.save_every == 0 or step == tc.steps:
                 _check_finite(state, tc)
                 save(step, state)
@@ -343,8 +351,8 @@ def _loop(cfg, mesh, state, packer, train_step, evaluate, save, ckpt, writer, st
                 if step % tc.save_every and step != tc.steps:
                     save(step, state)
                 ckpt.wait()
-                print(f"{stop.signal} received: saved a checkpoint at step {step}; run the same "
-                      "command to resume", flush=True)
+                say(f"{stop.signal} received: saved a checkpoint at step {step}; run the same "
+                      "command to resume")
                 break
     finally:
         ckpt.wait()
@@ -378,8 +386,8 @@ def _log(step, window, timed, t_window, t_first, start, tc, tokens_per_step, flo
     out["expert_load"] = np.mean([m["expert_load"] for m in host], axis=0).round(4)
     writer.write(step, out)
     rate = (time.perf_counter() - t_first) / max(step - start - 1, 1)
-    print(f"step {step}/{tc.steps} | loss {scalars['loss']:.4f} | aux {scalars['aux_loss']:.3f}"
-          f"{speed} | lr {scalars['lr']:.2e} | ETA {_fmt_time(rate * (tc.steps - step))}", flush=True)
+    say(f"step {step}/{tc.steps} | loss {scalars['loss']:.4f} | aux {scalars['aux_loss']:.3f}"
+          f"{speed} | lr {scalars['lr']:.2e} | ETA {_fmt_time(rate * (tc.steps - step))}")
     return out
 
 

@@ -125,8 +125,12 @@ def test_grouped_ffn_matches_per_group_swiglu(impl, sizes):
 def test_tile_layout_starts_each_group_on_a_fresh_tile():
     dest, tile_expert, num_tiles = dispatch.tile_layout(jnp.array([3, 0, 5]), 8, 4)
     assert num_tiles == 2 + 3 - 1
-    np.testing.assert_array_equal(dest, [0, 1, 2, 4, 5, 6, 7, 8])
+    np.testing.assert_array_equal(dest, [0, 1, 2, 4, 5, 6, 7, 8])  # expert 0: tile 0; expert 2: tiles 1-2
     np.testing.assert_array_equal(tile_expert[:3], [0, 2, 2])
+    # Rows beyond the groups (a fixed-size buffer's padding) land past the end, each on its own index.
+    dest, _, num_tiles = dispatch.tile_layout(jnp.array([2, 1]), 5, 4)
+    assert list(dest[:3]) == [0, 1, 4] and all(int(i) >= num_tiles * 4 for i in dest[3:])
+    assert len(set(np.asarray(dest).tolist())) == 5
 
 
 def test_tiled_ffn_compiles_once_for_any_group_sizes():

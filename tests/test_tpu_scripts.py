@@ -181,6 +181,7 @@ def test_run_streams_the_command_on_all_workers_and_tees_the_log(gcloud, tmp_pat
     assert ssh == ["compute", "tpus", "tpu-vm", "ssh", "tpu1", *LOCATION, "--worker=all"]
     assert command.startswith("--command=cd moejax && . .venv/bin/activate && ")
     assert "python -m moejax.train --config configs/mixtral_tiny_tpu_v5e_8.yaml" in command
+    assert "MOEJAX_DISTRIBUTED=1" in command  # multi-host JAX starts on every worker
     words = shlex.split(command.removeprefix("--command="))
     assert words[-len(train):] == train  # quoted so that the workers' shell gets the same words
     subprocess.run(["bash", "-n", "-c", command.removeprefix("--command=")], check=True)

@@ -35,7 +35,7 @@ require project zone name
 need_gcloud
 
 command_line=$(printf ' %q' "${ARGS[@]}")
-remote="cd $(remote_dir_quoted) && . .venv/bin/activate && export PYTHONUNBUFFERED=1 &&$command_line"
+remote="cd $(remote_dir_quoted) && . .venv/bin/activate && export PYTHONUNBUFFERED=1 MOEJAX_DISTRIBUTED=1 &&$command_line"
 if [ -n "$LOG" ]; then
   mkdir -p -- "$(dirname -- "$LOG")"
   ssh_all "$remote" 2>&1 | tee -a -- "$LOG"

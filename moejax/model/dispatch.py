@@ -80,8 +80,9 @@ def tile_layout(group_sizes_e: jax.Array, num_rows: int, tile: int) -> tuple[jax
     rows = jnp.arange(num_rows, dtype=jnp.int32)
     group = jnp.minimum(jnp.searchsorted(group_end, rows, side="right"), e - 1)
     dest = (tile_end - tiles_per_group)[group] * tile + rows - (group_end - gs)[group]
-    # Rows past the last group (padding of a fixed-size buffer) point past the end: dropped.
-    dest = jnp.where(rows < group_end[-1], dest, num_tiles * tile)
+    # Rows past the last group (padding of a fixed-size buffer) point past the end, each to its own
+    # index so the scatter keeps unique indices (XLA then writes rows in parallel): dropped.
+    dest = jnp.where(rows < group_end[-1], dest, num_tiles * tile + rows)
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), e - 1)
     return dest, tile_expert, num_tiles
 
@@ -97,14 +98,15 @@ def grouped_ffn_tiled(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: ja
     """
     n, d = x_nd.shape
     dest, tile_expert, num_tiles = tile_layout(group_sizes_e, n, tile)
-    x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, mode="drop")
+    x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, mode="drop",
+                                                                     unique_indices=True)
 
     def one_tile(args):
         x_cd, e = args
         return swiglu(x_cd, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
 
     y = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, d), tile_expert))
-    return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0)
+    return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0, unique_indices=True)
 
 
 @GROUPED_FFNS.register("auto")
