@@ -22,9 +22,12 @@ setup(
         "pyyaml>=6",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "numpy",
+        "safetensors>=0.4.5",  # Hugging Face checkpoints through its numpy API (bf16 via ml_dtypes), no torch
+        "ml_dtypes",  # bfloat16 for numpy (a jax dependency; imported directly by moejax.interop)
+        "matplotlib>=3.7",  # moejax.analyze: routing plots (Agg backend, no display)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # notebooks run in tests
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

@@ -40,6 +40,18 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         return restored.state, restored.data
 
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Restore only `state["params"]` (a partial restore): what inference, analysis and
+        conversion need, whatever optimizer state the run was saved with."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise UserError(f"no checkpoint in {self.directory}")
+        item = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)))
+        return restored.state["params"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

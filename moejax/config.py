@@ -50,6 +50,67 @@ class MoEConfig:
     gmm: str = _f("auto", "How dropless runs the experts over expert-sorted rows: auto (tiled on CPU, "
                   "ragged_dot elsewhere), ragged_dot (grouped matmuls) or tiled (a loop over tiles).")
     tile_size: int = _f(256, "Rows per tile of the tiled grouped expert FFN.", min=8)
+    layer_experts: tuple[int, ...] = _f((), "Routed experts of each MoE layer, in layer order (a pyramid, "
+                                        "PR-MoE); empty = num_experts in every MoE layer.", min=1)
+    shared_gate: bool = _f(False, "Scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE).")
+    routed_scaling_factor: float = _f(1.0, "Multiplies the routed experts' combine weights "
+                                      "(DeepSeek-V2/V3 routed_scaling_factor).", min=0.0, exclusive_min=True)
+    n_group: int = _f(1, "deepseek router: experts are split into this many groups ...", min=1)
+    topk_group: int = _f(1, "deepseek router: ... and only the best topk_group groups may be chosen "
+                         "(group-limited routing, DeepSeek-V3).", min=1)
+    bias_update_rate: float = _f(0.0, "deepseek router: after each step the selection bias of an "
+                                 "under-loaded expert rises, of an over-loaded one falls, by this much "
+                                 "(aux-loss-free balancing; DeepSeek-V3 used 0.001).", min=0.0)
+    seq_aux_loss_coef: float = _f(0.0, "Weight of the sequence-level balance loss (DeepSeek-V3).", min=0.0)
+    device_loss_coef: float = _f(0.0, "Weight of the device-level balance loss over expert groups "
+                                 "(DeepSeek-V2).", min=0.0)
+    device_groups: int = _f(0, "Expert groups of the device-level loss; 0 = the mesh's expert axis size.",
+                            min=0)
+    importance_loss_coef: float = _f(0.0, "Weight of the importance loss, CV^2 of summed gates "
+                                     "(Shazeer et al. 2017).", min=0.0)
+    load_loss_coef: float = _f(0.0, "Weight of the smooth load loss of noisy top-k gating "
+                               "(Shazeer et al. 2017).", min=0.0)
+
+    def experts_of(self, moe_layer: int) -> int:
+        """Routed experts of the `moe_layer`-th MoE layer (0-based among MoE layers)."""
+        return self.layer_experts[moe_layer] if self.layer_experts else self.num_experts
+
+    @property
+    def max_experts(self) -> int:
+        return max(self.layer_experts) if self.layer_experts else self.num_experts
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    q_lora_rank: Optional[int] = _f(None, "Rank of the query down-projection; null = a full query "
+                                    "projection (DeepSeek-V2-Lite).", min=1)
+    kv_lora_rank: int = _f(512, "Rank of the compressed key/value latent.", min=1)
+    qk_rope_head_dim: int = _f(64, "Per-head query/key width that carries RoPE (shared key part).", min=2)
+    qk_nope_head_dim: int = _f(128, "Per-head query/key width without RoPE.", min=1)
+    v_head_dim: int = _f(128, "Per-head value width.", min=1)
+    rope_interleave: bool = _f(True, "The rope part of queries/keys is stored as interleaved pairs "
+                               "(x0, x1), (x2, x3), ... (Hugging Face DeepseekV3 rope_interleave).")
+
+
+@dataclass(frozen=True)
+class RopeScalingConfig:
+    type: str = _f("default", "RoPE frequency scaling, from the registry in moejax.model.attention: "
+                   "default (none), linear, llama3 (Llama 3.1) or yarn (DeepSeek-V3).")
+    factor: float = _f(1.0, "Context extension factor.", min=0.0, exclusive_min=True)
+    original_max_position_embeddings: Optional[int] = _f(None, "Pre-training context length (llama3, "
+                                                         "yarn).", min=1)
+    low_freq_factor: float = _f(1.0, "llama3: wavelengths above original/low_freq_factor are scaled.",
+                                min=0.0, exclusive_min=True)
+    high_freq_factor: float = _f(4.0, "llama3: wavelengths below original/high_freq_factor are kept.",
+                                 min=0.0, exclusive_min=True)
+    beta_fast: float = _f(32.0, "yarn: rotations above which frequencies are kept.", min=0.0)
+    beta_slow: float = _f(1.0, "yarn: rotations below which frequencies are interpolated.", min=0.0)
+    mscale: float = _f(0.0, "yarn: mscale (0 = unset).", min=0.0)
+    mscale_all_dim: float = _f(0.0, "yarn: mscale_all_dim (0 = unset); DeepSeek also scales the "
+                               "softmax by its square.", min=0.0)
+    attention_factor: Optional[float] = _f(None, "yarn: cos/sin scale; null = derived from factor and "
+                                           "mscale.", min=0.0)
+    truncate: bool = _f(True, "yarn: round the correction range to whole dimensions.")
 
 
 @dataclass(frozen=True)
@@ -65,6 +126,19 @@ class ModelConfig:
     rope_theta: float = _f(10000.0, "RoPE base frequency.", min=0.0, exclusive_min=True)
     tie_embeddings: bool = _f(False, "Share the input embedding with the output head.")
     init_std: float = _f(0.02, "Standard deviation of the normal initialiser.", min=0.0, exclusive_min=True)
+    attention: str = _f("gqa", "Attention, from the attention registry: gqa (grouped-query, Llama) or "
+                        "mla (multi-head latent attention, DeepSeek-V2/V3).")
+    qkv_bias: bool = _f(False, "Biases on the query/key/value projections (Qwen2).")
+    qk_norm: bool = _f(False, "RMSNorm on the projected queries and keys (OLMoE).")
+    sliding_window: Optional[int] = _f(None, "Each query sees at most this many latest keys (Mistral); "
+                                       "null = full causal attention.", min=1)
+    attn_experts: int = _f(0, "Attention experts (LLaMA-MoE-v2): the KV head groups are split into this "
+                           "many experts, top attn_top_k chosen per token by a router; 0 = off.", min=0)
+    attn_top_k: int = _f(2, "Attention experts chosen per token.", min=1)
+    attn_expert_scale: float = _f(1.0, "The attention experts' combined output is multiplied by this "
+                                  "(LLaMA-MoE-v2 scale factor; attn_experts after a split).", min=0.0)
+    rope_scaling: RopeScalingConfig = _f(RopeScalingConfig(), "RoPE frequency scaling (long context).")
+    mla: MLAConfig = _f(MLAConfig(), "Multi-head latent attention sizes (used when attention = mla).")
     moe: MoEConfig = _f(MoEConfig(), "Mixture-of-Experts block settings.")
 
     @property
@@ -117,6 +191,11 @@ class TrainConfig:
     skip_nonfinite: bool = _f(False, "Skip the update of a step whose loss or gradients are not finite "
                               "(instead of stopping the run).")
     keep_checkpoints: int = _f(3, "Checkpoints kept (the latest N).", min=1)
+    freeze: tuple[str, ...] = _f((), "Parameter groups left untouched by the optimizer (embed, attention, "
+                                 "router, experts, shared, norm, head).")
+    train_only: tuple[str, ...] = _f((), "If set, only these parameter groups train; all others are frozen.")
+    lr_multipliers: tuple[str, ...] = _f((), "Per-group learning-rate factors, as GROUP=FACTOR items "
+                                         "(e.g. [router=0.1, experts=2]).")
     peak_tflops: float = _f(0.0, "Peak TFLOP/s per device for MFU; 0 = look up the device kind "
                             "(measured by a matmul probe on CPU).", min=0.0)
     log_every: int = _f(10, "Steps between metric lines.", min=1)
@@ -170,6 +249,11 @@ def _unknown_key(path: str) -> ConfigError:
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     tp, optional = _unwrap_optional(tp)
+    if typing.get_origin(tp) is tuple:
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
+        raise ConfigError(f"{path} = {value!r} has the wrong type: expected a list of {item.__name__}")
     if value is None:
         if optional:
             return None
@@ -227,7 +311,12 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts (tuples as lists), as written to config.yaml."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return plain(dataclasses.asdict(cfg))
 
 
 def dump(cfg: Config, path: str) -> None:
@@ -288,19 +377,23 @@ def _check_fields(obj: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_fields(value, path + ".")
             continue
-        m = f.metadata
-        if value is None:
-            continue
-        if m.get("choices") and value not in m["choices"]:
-            raise ConfigError(f"{path} = {value!r} is not allowed; allowed: {', '.join(m['choices'])}")
-        lo, hi = m.get("min"), m.get("max")
-        if lo is not None:
-            bad = value <= lo if m.get("exclusive_min") else value < lo
-            if bad:
-                op = ">" if m.get("exclusive_min") else ">="
-                raise ConfigError(f"{path} = {value!r} is out of range: must be {op} {lo}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{path} = {value!r} is out of range: must be <= {hi}")
+        for i, item in enumerate(value if isinstance(value, tuple) else (value,)):
+            _check_value(f"{path}[{i}]" if isinstance(value, tuple) else path, item, f.metadata)
+
+
+def _check_value(path: str, value: Any, m: Any) -> None:
+    if value is None:
+        return
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"{path} = {value!r} is not allowed; allowed: {', '.join(m['choices'])}")
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None:
+        bad = value <= lo if m.get("exclusive_min") else value < lo
+        if bad:
+            op = ">" if m.get("exclusive_min") else ">="
+            raise ConfigError(f"{path} = {value!r} is out of range: must be {op} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path} = {value!r} is out of range: must be <= {hi}")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -312,6 +405,7 @@ def _check_model(m: ModelConfig) -> None:
                           "set model.head_dim or change either")
     if m.resolved_head_dim % 2:
         raise ConfigError(f"head dim {m.resolved_head_dim} must be even for RoPE")
+    _check_attention(m)
     e = m.moe
     if e.num_experts == 0:
         return
@@ -326,10 +420,49 @@ def _check_model(m: ModelConfig) -> None:
         if value not in reg:
             raise ConfigError(f"model.moe.{key} = {value!r} is not allowed; allowed: "
                               f"{', '.join(reg.names())}")
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    if e.layer_experts and len(e.layer_experts) != n_moe:
+        raise ConfigError(f"model.moe.layer_experts has {len(e.layer_experts)} entries but the model has "
+                          f"{n_moe} MoE layers; give one expert count per MoE layer")
+    if e.layer_experts and e.top_k > min(e.layer_experts):
+        raise ConfigError(f"model.moe.top_k = {e.top_k} is more than the {min(e.layer_experts)} experts "
+                          "of a layer in model.moe.layer_experts")
+    if e.max_experts % e.n_group or e.topk_group > e.n_group:
+        raise ConfigError(f"model.moe.n_group = {e.n_group} must divide the experts ({e.max_experts}) and "
+                          f"be >= model.moe.topk_group = {e.topk_group}")
+    routing.check_router(e)
     if not any(m.is_moe_layer(i) for i in range(m.n_layers)):
         raise ConfigError(f"no layer is an MoE layer with model.moe.first_dense = {e.first_dense} and "
                           f"model.moe.every = {e.every} over model.n_layers = {m.n_layers}; set "
                           "model.moe.num_experts = 0 for a dense model")
+
+
+def _check_attention(m: ModelConfig) -> None:
+    from moejax.model import attention  # registries; imported late to keep config light
+
+    for key, value, reg in (("attention", m.attention, attention.ATTENTIONS),
+                            ("rope_scaling.type", m.rope_scaling.type, attention.ROPE_SCALINGS)):
+        if value not in reg:
+            raise ConfigError(f"model.{key} = {value!r} is not allowed; allowed: {', '.join(reg.names())}")
+    rs = m.rope_scaling
+    if rs.type in ("llama3", "yarn") and rs.original_max_position_embeddings is None:
+        raise ConfigError(f"model.rope_scaling.type = {rs.type!r} needs "
+                          "model.rope_scaling.original_max_position_embeddings")
+    if m.attention == "mla":
+        extras = [k for k in ("qkv_bias", "qk_norm", "attn_experts") if getattr(m, k)]
+        if extras:
+            raise ConfigError(f"model.{extras[0]} is for gqa attention; model.attention = 'mla' has no "
+                              "such option")
+        if m.mla.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.mla.qk_rope_head_dim = {m.mla.qk_rope_head_dim} must be even for "
+                              "RoPE")
+    if m.attn_experts:
+        if m.n_kv_heads % m.attn_experts:
+            raise ConfigError(f"model.attn_experts = {m.attn_experts} must divide model.n_kv_heads = "
+                              f"{m.n_kv_heads} (each attention expert owns whole KV head groups)")
+        if m.attn_top_k > m.attn_experts:
+            raise ConfigError(f"model.attn_top_k = {m.attn_top_k} is out of range: must be in "
+                              f"[1, model.attn_experts = {m.attn_experts}]")
 
 
 def _check_mesh(mesh: MeshConfig) -> None:
@@ -341,8 +474,28 @@ def _check_mesh(mesh: MeshConfig) -> None:
         raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
 
 
+def _check_train(t: TrainConfig) -> None:
+    from moejax.optim import PARAM_GROUPS  # imported late to keep config light
+
+    allowed = ", ".join(PARAM_GROUPS)
+    for key in ("freeze", "train_only"):
+        for g in getattr(t, key):
+            if g not in PARAM_GROUPS:
+                raise ConfigError(f"train.{key} names an unknown parameter group {g!r}; allowed: {allowed}")
+    for item in t.lr_multipliers:
+        group, _, value = item.partition("=")
+        try:
+            ok = group.strip() in PARAM_GROUPS and math.isfinite(float(value)) and float(value) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"train.lr_multipliers item {item!r} must be GROUP=FACTOR with a factor >= 0 "
+                              f"and GROUP one of: {allowed}")
+
+
 def validate(cfg: Config) -> None:
     """Raise `ConfigError` naming the first bad setting."""
     _check_fields(cfg, "")
     _check_model(cfg.model)
+    _check_train(cfg.train)
     _check_mesh(cfg.mesh)

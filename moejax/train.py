@@ -30,7 +30,7 @@ from moejax.data.packing import Packer
 from moejax.errors import UserError, run_cli
 from moejax.evaluate import exact_match, held_out_questions
 from moejax.metrics import MetricsWriter
-from moejax.model import Transformer
+from moejax.model import Transformer, routing
 from moejax.optim import make_optimizer, schedule
 
 EVAL_BATCHES = 4
@@ -70,15 +70,62 @@ def create_sharded_state(cfg: Config, mesh, optimizer: optax.GradientTransformat
 
 
 def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """Sum over masked positions of the next-token cross-entropy (float32)."""
-    logp = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets_bt[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask_bt)
+    """Sum over masked positions of the next-token cross-entropy (float32).
+
+    The same arithmetic as `-take_along_axis(log_softmax(logits), targets)` (the value is bitwise
+    the same), with a hand-written backward, `(softmax - onehot) * mask * g`, recomputed from the
+    logits and the per-row log-sum-exp. Autodiff of log_softmax + take_along_axis keeps the [B, T, V]
+    log-probabilities for the backward pass and builds two more [B, T, V] buffers in it (the
+    scattered target gradient, the softmax); this keeps one, the logits' gradient itself."""
+
+    def parts(x_btv, t_bt):
+        shifted = x_btv - jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
+        lse_bt1 = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+        return shifted, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
+
+    @jax.custom_vjp
+    def ce_sum(x_btv, t_bt, m_bt):
+        _, lse_bt1, tgt_bt = parts(x_btv, t_bt)
+        return jnp.sum(-(tgt_bt - lse_bt1[..., 0]) * m_bt)
+
+    def fwd(x_btv, t_bt, m_bt):
+        _, lse_bt1, tgt_bt = parts(x_btv, t_bt)
+        nll_bt = -(tgt_bt - lse_bt1[..., 0])
+        return jnp.sum(nll_bt * m_bt), (x_btv, lse_bt1, t_bt, m_bt, nll_bt)
+
+    def bwd(res, g):
+        x_btv, lse_bt1, t_bt, m_bt, nll_bt = res
+        shifted = x_btv - jnp.max(x_btv, axis=-1, keepdims=True)
+        onehot = jnp.arange(x_btv.shape[-1], dtype=t_bt.dtype) == t_bt[..., None]
+        scale = (m_bt * g)[..., None]
+        dx = jnp.exp(shifted - lse_bt1) * scale - jnp.where(onehot, scale, 0.0)
+        return dx, None, nll_bt * g
+
+    ce_sum.defvjp(fwd, bwd)
+    return ce_sum(logits_btv.astype(jnp.float32), targets_bt, mask_bt.astype(jnp.float32))
 
 
-def _forward(graphdef, params, batch):
+def _forward(graphdef, params, batch, rng=None):
     model = nnx.merge(graphdef, params)
-    return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                 rng=rng)
+
+
+def router_loss(aux: dict[str, jax.Array], moe) -> jax.Array:
+    """sum over registered router losses of model.moe.<name>_coef * aux[name]."""
+    return sum(getattr(moe, f"{name}_coef") * aux[name] for name in routing.LOSSES.names())
+
+
+def update_router_biases(params: nnx.State, expert_load_le: jax.Array, rate: float) -> nnx.State:
+    """DeepSeek-V3 aux-loss-free balancing: move every MoE layer's `router_bias` toward balance,
+    using that layer's expert counts of this step (`expert_load_le`, MoE layers in order)."""
+    flat = dict(nnx.to_flat_state(params))
+    paths = sorted((p for p in flat if p[-1] == "router_bias"), key=lambda p: p[1])
+    for row, path in enumerate(paths):
+        var = flat[path]
+        value = var.get_value()
+        flat[path] = var.replace(routing.bias_update(value, expert_load_le[row, :value.shape[0]], rate))
+    return nnx.from_flat_state(flat)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config) -> Callable:
@@ -93,23 +140,27 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         a = tc.grad_accum
         micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
         n_targets = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(tc.seed + 1), state["step"]), a)
 
-        def one(grads, mb):
+        def one(grads, mb_key):
+            mb, key = mb_key
+
             def loss_fn(p):
-                logits, aux = _forward(graphdef, p, mb)
+                logits, aux = _forward(graphdef, p, mb, rng=key)
                 ce = lm_loss_sum(logits, mb["targets"], mb["loss_mask"])
-                reg = moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"]
-                return ce / n_targets + reg / a, (ce, aux)
+                return ce / n_targets + router_loss(aux, moe) / a, (ce, aux)
 
             (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             outs = (ce, aux["aux_loss"], aux["z_loss"], aux["expert_load"], aux["dropped_fraction"])
             return jax.tree.map(jnp.add, grads, g), outs
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (ce, aux_l, z_l, load, dropped) = jax.lax.scan(one, zeros, micro)
+        grads, (ce, aux_l, z_l, load, dropped) = jax.lax.scan(one, zeros, (micro, keys))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if moe.bias_update_rate > 0:
+            new_params = update_router_biases(new_params, jnp.sum(load, axis=0), moe.bias_update_rate)
         loss = jnp.sum(ce) / n_targets
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if tc.skip_nonfinite:
@@ -198,23 +249,33 @@ def _prepare_data(cfg: Config, workdir: str):
     return out if jax.process_index() == 0 else prepare()
 
 
-def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
-    """The config, model (latest checkpoint's parameters) and tokenizer of a run directory."""
-    from moejax.tokenizer import Tokenizer
-
+def load_model(workdir: str, step: int | None = None) -> tuple[Config, Transformer]:
+    """The config and model (parameters of the latest checkpoint, or of `step`, on one device) of a
+    run directory. Only the parameters are read, so any run's checkpoint works, sharded or not."""
     cfg_path = os.path.join(workdir, "config.yaml")
-    if not os.path.exists(cfg_path):
+    if not os.path.isfile(cfg_path):
         raise UserError(f"{workdir!r} is not a moejax run directory (no config.yaml)")
     cfg = config_lib.load(cfg_path)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    if ckpt.latest_step() is None:
-        raise UserError(f"run directory {workdir!r} has no checkpoint yet")
-    model = build_model(cfg)
-    graphdef, params = nnx.split(model)
-    abstract = init_state(params, make_optimizer(cfg.train))
-    state, _ = ckpt.restore(abstract)
-    ckpt.close()
-    model = nnx.merge(graphdef, state["params"])
+    try:
+        if ckpt.latest_step() is None:
+            raise UserError(f"run directory {workdir!r} has no checkpoint yet")
+        if step is not None and step not in ckpt.manager.all_steps():
+            raise UserError(f"run directory {workdir!r} has no checkpoint at step {step}; it has "
+                            f"{sorted(ckpt.manager.all_steps())}")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+        return cfg, nnx.merge(graphdef, ckpt.restore_params(params, step))
+    finally:
+        ckpt.close()
+
+
+def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
+    """The config, model (`load_model`) and tokenizer of a run directory."""
+    from moejax.tokenizer import Tokenizer
+
+    cfg, model = load_model(workdir)
     tok_path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
     return cfg, model, Tokenizer.load(tok_path)
 
@@ -295,7 +356,11 @@ def train(cfg: Config) -> dict[str, Any]:
         out = {"eval_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
         # Greedy decoding reads whole arrays on one host; across processes only the loss is measured.
         if jax.process_count() == 1:
-            out.update(exact_match(nnx.merge(graphdef, params), tokenizer, questions))
+            from moejax.analyze import routing_metrics
+            model = nnx.merge(graphdef, params)
+            out.update(exact_match(model, tokenizer, questions))
+            # Balance and domain specialisation: the statistics of `python -m moejax.analyze`.
+            out.update(routing_metrics(model, tokenizer, questions, cfg.data.seq_len))
         return out
 
     def save(step: int, state) -> None:

@@ -115,7 +115,7 @@ def test_wrong_types_are_refused(override, expected):
     (["model.moe.num_experts=-1"], ["model.moe.num_experts", "must be >= 0"]),
     (["model.moe.capacity_factor=0"], ["model.moe.capacity_factor", "> 0"]),
     (["train.dtype=float16"], ["train.dtype", "float16", "float32", "bfloat16"]),
-    (["model.moe.router=expert_choice"], ["model.moe.router", "topk"]),
+    (["model.moe.router=sinkhorn"], ["model.moe.router", "topk", "expert_choice", "deepseek"]),
     (["model.moe.dispatch=scatter"], ["model.moe.dispatch", "dense", "capacity", "dropless"]),
     (["model.moe.gmm=cuda"], ["model.moe.gmm", "ragged_dot", "tiled"]),
     (["mesh.fsdp=-1"], ["at most one mesh axis may be -1"]),

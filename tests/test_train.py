@@ -155,13 +155,13 @@ def test_sigterm_saves_and_resume_gives_the_same_losses(tfds_dir, tmp_path):
 
     stopped = str(tmp_path / "stopped")
     proc = cli(*cli_args(tfds_dir, stopped, *steps, "train.log_every=1"))
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(os.path.join(stopped, "metrics.jsonl")) and len(losses(stopped)) >= 3:
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
-    out, err = proc.communicate(timeout=240)
+    out, err = proc.communicate(timeout=480)
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM received: saved a checkpoint" in out
     first = losses(stopped)

@@ -177,10 +177,12 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
     n = r.token.shape[0]
     e = experts.w_gate.shape[0] * (ep.size if ep else 1)
     c = capacity(n, e, cfg.capacity_factor)
-    # Position of each assignment in its expert's buffer, in assignment (= priority) order.
-    onehot_ne = jax.nn.one_hot(r.expert, e, dtype=jnp.int32)
+    # Position of each assignment in its expert's buffer, in assignment (= priority) order. An
+    # assignment of weight 0 (e.g. GShard's undispatched second choice) takes no slot.
+    live = r.weight != 0
+    onehot_ne = jax.nn.one_hot(r.expert, e, dtype=jnp.int32) * live[:, None]
     pos = jnp.take_along_axis(jnp.cumsum(onehot_ne, axis=0), r.expert[:, None], axis=1)[:, 0] - 1
-    keep = pos < c
+    keep = live & (pos < c)
     slot = jnp.where(keep, r.expert * c + pos, e * c)  # dropped copies all land in one spare row
     buf = jnp.zeros((e * c + 1, d), x_td.dtype).at[slot].set(x_td[r.token])
     buf_ecd = buf[:-1].reshape(e, c, d)
@@ -195,7 +197,7 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
     w = jnp.where(keep, r.weight, 0.0).astype(x_td.dtype)
     y_nd = out[jnp.minimum(slot, e * c - 1)] * w[:, None]
     y = jnp.zeros((t, d), x_td.dtype).at[r.token].add(y_nd)
-    return y, jnp.sum(~keep).astype(jnp.int32)
+    return y, jnp.sum(live & ~keep).astype(jnp.int32)
 
 
 def grouped_by_expert(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeights, cfg: MoEConfig

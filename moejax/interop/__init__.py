@@ -1,0 +1,1 @@
+"""Interoperability with other checkpoint formats: `moejax.interop.hf` (Hugging Face safetensors)."""
