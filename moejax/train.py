@@ -74,31 +74,59 @@ def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array
 
     The same arithmetic as `-take_along_axis(log_softmax(logits), targets)` (the value is bitwise
     the same), with a hand-written backward, `(softmax - onehot) * mask * g`, recomputed from the
-    logits and the per-row log-sum-exp. Autodiff of log_softmax + take_along_axis keeps the [B, T, V]
-    log-probabilities for the backward pass and builds two more [B, T, V] buffers in it (the
-    scattered target gradient, the softmax); this keeps one, the logits' gradient itself."""
+    logits and the per-row max and log-sum-exp, both passes in chunks of positions (a loop over
+    the sequence axis, which no mesh axis splits, so the batch stays sharded). Autodiff of
+    log_softmax + take_along_axis keeps the [B, T, V] log-probabilities for the backward pass and
+    builds two more [B, T, V] buffers in it (the scattered target gradient, the softmax); this keeps
+    none but the logits' gradient itself, and each pass over a chunk stays in cache
+    (docs/benchmarks.md)."""
+    b, t, v = logits_btv.shape
+    c = int(np.gcd(t, max(8, 128 // max(b, 1))))  # positions per chunk: b * c ~ 128 rows of V
+    c = c if c >= 4 else t
+    k = t // c
 
-    def parts(x_btv, t_bt):
-        shifted = x_btv - jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
+    def stats(x_btv, t_bt):  # row max, log-sum-exp of the shifted row, shifted target logit
+        max_bt1 = jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
+        shifted = x_btv - max_bt1
         lse_bt1 = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-        return shifted, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
+        return max_bt1, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
+
+    def chunk(x, i):
+        return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+
+    def forward(x_btv, t_bt):
+        def body(i, acc):
+            parts = stats(chunk(x_btv, i), chunk(t_bt, i))
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, parts))
+
+        init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32),
+                jnp.zeros((b, t), jnp.float32))
+        return jax.lax.fori_loop(0, k, body, init) if k > 1 else stats(x_btv, t_bt)
 
     @jax.custom_vjp
     def ce_sum(x_btv, t_bt, m_bt):
-        _, lse_bt1, tgt_bt = parts(x_btv, t_bt)
-        return jnp.sum(-(tgt_bt - lse_bt1[..., 0]) * m_bt)
+        _, lse, tgt = forward(x_btv, t_bt)
+        return jnp.sum(-(tgt - lse[..., 0]) * m_bt)
 
     def fwd(x_btv, t_bt, m_bt):
-        _, lse_bt1, tgt_bt = parts(x_btv, t_bt)
-        nll_bt = -(tgt_bt - lse_bt1[..., 0])
-        return jnp.sum(nll_bt * m_bt), (x_btv, lse_bt1, t_bt, m_bt, nll_bt)
+        mx, lse, tgt = forward(x_btv, t_bt)
+        nll_bt = -(tgt - lse[..., 0])
+        return jnp.sum(nll_bt * m_bt), (x_btv, mx, lse, t_bt, m_bt, nll_bt)
 
     def bwd(res, g):
-        x_btv, lse_bt1, t_bt, m_bt, nll_bt = res
-        shifted = x_btv - jnp.max(x_btv, axis=-1, keepdims=True)
-        onehot = jnp.arange(x_btv.shape[-1], dtype=t_bt.dtype) == t_bt[..., None]
-        scale = (m_bt * g)[..., None]
-        dx = jnp.exp(shifted - lse_bt1) * scale - jnp.where(onehot, scale, 0.0)
+        x_btv, mx, lse, t_bt, m_bt, nll_bt = res
+        scale_bt = m_bt * g
+
+        def grad(x, max_1, lse_1, tg, sc):
+            onehot = jnp.arange(v, dtype=tg.dtype) == tg[..., None]
+            return jnp.exp((x - max_1) - lse_1) * sc[..., None] - jnp.where(onehot, sc[..., None], 0.0)
+
+        if k == 1:
+            dx = grad(x_btv, mx, lse, t_bt, scale_bt)
+        else:
+            dx = jax.lax.fori_loop(0, k, lambda i, dx: jax.lax.dynamic_update_slice_in_dim(
+                dx, grad(*(chunk(a, i) for a in (x_btv, mx, lse, t_bt, scale_bt))), i * c, axis=1),
+                jnp.zeros_like(x_btv))
         return dx, None, nll_bt * g
 
     ce_sum.defvjp(fwd, bwd)

@@ -101,10 +101,15 @@ def grouped_ffn_tiled(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: ja
     x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, mode="drop",
                                                                      unique_indices=True)
 
+    # Keep only the tile's matmul outputs for the backward pass. Without the policy, autodiff of the
+    # loop also saves each tile's slices of the expert weights (w[e]: [tiles, D, F] per weight, far
+    # more than the activations), and writing them costs time (docs/benchmarks.md); the slices
+    # are recomputed instead, which is free.
     def one_tile(args):
         x_cd, e = args
         return swiglu(x_cd, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
 
+    one_tile = jax.checkpoint(one_tile, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     y = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, d), tile_expert))
     return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0, unique_indices=True)
 
