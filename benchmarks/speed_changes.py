@@ -11,7 +11,8 @@ process CPU time (all threads; steadier on a shared machine) per step, and token
 Variants (cumulative):
   before            log_softmax cross-entropy; tiled expert FFN saving each tile's weight slices
   +tile_checkpoint  the tiled FFN keeps only its matmul outputs for the backward pass
-  +chunked_ce       cross-entropy with a hand-written backward, in chunks of positions (current code)
+  +chunked_ce       cross-entropy with a hand-written backward, in chunks of positions
+  +attention_layout attention as batched matmuls over (batch, KV head), the mask as a bias (current code)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import bench, config, parallel, train
-from moejax.model import dispatch
+from moejax.model import attention, dispatch
 from moejax.optim import make_optimizer
 
 
@@ -46,17 +47,31 @@ def grouped_ffn_tiled_before(x_nd, experts, group_sizes_e, tile):
     return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0, unique_indices=True)
 
 
+def grouped_attention_before(q_btnh, k_bskh, v_bskv, mask, scale):
+    b, t, n, hd = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kv, n // kv, hd)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskv.dtype)
+    out = jnp.einsum("bkgts,bskv->btkgv", probs, v_bskv)
+    return out.reshape(b, t, n, v_bskv.shape[-1])
+
+
+# name -> (cross-entropy, tiled expert FFN, attention core)
 VARIANTS = {
-    "before": (lm_loss_sum_before, grouped_ffn_tiled_before),
-    "+tile_checkpoint": (lm_loss_sum_before, dispatch.grouped_ffn_tiled),
-    "+chunked_ce": (train.lm_loss_sum, dispatch.grouped_ffn_tiled),
+    "before": (lm_loss_sum_before, grouped_ffn_tiled_before, grouped_attention_before),
+    "+tile_checkpoint": (lm_loss_sum_before, dispatch.grouped_ffn_tiled, grouped_attention_before),
+    "+chunked_ce": (train.lm_loss_sum, dispatch.grouped_ffn_tiled, grouped_attention_before),
+    "+attention_layout": (train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention.grouped_attention),
 }
 
 
 def compile_variant(cfg, name, mesh, opt, graphdef, state, batch):
-    loss, tiled = VARIANTS[name]
-    saved = train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"]
-    train.lm_loss_sum, dispatch.grouped_ffn_tiled = loss, tiled
+    loss, tiled, attn = VARIANTS[name]
+    saved = (train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"],
+             attention.grouped_attention)
+    train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention.grouped_attention = loss, tiled, attn
     dispatch.GROUPED_FFNS._items["tiled"] = tiled
     try:
         sh = jax.tree.map(lambda x: x.sharding, state)
@@ -65,7 +80,8 @@ def compile_variant(cfg, name, mesh, opt, graphdef, state, batch):
                            in_shardings=(sh, parallel.batch_sharding(mesh)),
                            out_shardings=(sh, None)).lower(state, batch).compile()
     finally:
-        train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"] = saved
+        (train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"],
+         attention.grouped_attention) = saved
 
 
 def main() -> None:

@@ -214,9 +214,9 @@ def _reexec_with_huge_pages() -> None:
 
     XLA:CPU allocates a step's temporary buffers afresh on every execution; buffers over glibc's
     mmap threshold (at most 32 MiB) come straight from the kernel, and touching their 4 KiB pages
-    for the first time costs a page fault each: here about a quarter of the step time of the peer
-    comparison's shapes (docs/benchmarks.md). With `glibc.malloc.hugetlb=1` malloc asks for 2 MiB
-    pages (`madvise`), 512 times fewer faults. It changes no result, only the time."""
+    for the first time costs a page fault each. With `glibc.malloc.hugetlb=1` malloc asks for 2 MiB
+    pages (`madvise`), 512 times fewer faults: 1-8% less step time at the peer comparison's shapes
+    (docs/benchmarks.md). It changes no result, only the time."""
     import sys
 
     if os.environ.get("GLIBC_TUNABLES") is not None or os.environ.get("MOEJAX_BENCH_NO_HUGETLB") == "1":

@@ -195,7 +195,9 @@ def test_remat_gives_the_same_gradients():
         graphdef, params = nnx.split(Transformer(tiny_config().model, rngs=nnx.Rngs(0), remat=remat))
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(toks)[0] ** 2)
         grads.append(jax.jit(jax.grad(loss))(params))
-        has_remat = "remat" in str(jax.make_jaxpr(jax.grad(loss))(params))
-        assert has_remat == remat  # the blocks really are rematerialised (and only when asked)
+        # The blocks really are rematerialised (and only when asked): the whole-block remat saves
+        # nothing (policy None); the tiled expert FFN's own checkpoint inside it keeps its dots.
+        has_remat = "policy=None" in str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert has_remat == remat
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

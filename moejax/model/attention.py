@@ -137,15 +137,22 @@ def window_mask(mask: jax.Array, positions_bt: jax.Array, window: int | None) ->
 def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskv: jax.Array, mask: jax.Array,
                       scale: float) -> jax.Array:
     """softmax(q k^T * scale) v with the n query heads grouped under the k key/value heads (no KV
-    repetition): query head i reads KV head i // (n / k), as transformers' repeat_kv. -> [B, T, n, v]"""
+    repetition): query head i reads KV head i // (n / k), as transformers' repeat_kv. -> [B, T, n, v]
+
+    Laid out KV-head-major, with a KV head's n / k query heads stacked as extra query rows, so both
+    products are plain batched matmuls over (batch, KV head) with no transposes inside them, and the
+    mask is added as a bias. Same result as the 5-d einsums it replaced, to float32 rounding; the
+    step-time effect is in docs/benchmarks.md (benchmarks/speed_changes.py keeps the old form)."""
     b, t, n, hd = q_btnh.shape
-    kv = k_bskh.shape[2]
-    q = q_btnh.reshape(b, t, kv, n // kv, hd)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskv.dtype)
-    out = jnp.einsum("bkgts,bskv->btkgv", probs, v_bskv)
-    return out.reshape(b, t, n, v_bskv.shape[-1])
+    s, kv, vd = k_bskh.shape[1], k_bskh.shape[2], v_bskv.shape[-1]
+    g = n // kv
+    q_bkqh = q_btnh.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
+    scores = jnp.einsum("bkqh,bskh->bkqs", q_bkqh, k_bskh, preferred_element_type=jnp.float32) * scale
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [B, 1, 1, T, S]
+    scores = scores.reshape(b, kv, g, t, s) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskv.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bskv->bkqv", probs, v_bskv)
+    return out.reshape(b, kv, g, t, vd).transpose(0, 3, 1, 2, 4).reshape(b, t, n, vd)
 
 
 def expert_gates(x_btd: jax.Array, router_de: jax.Array, k: int) -> jax.Array:
