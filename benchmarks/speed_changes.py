@@ -74,11 +74,8 @@ def compile_variant(cfg, name, mesh, opt, graphdef, state, batch):
     train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention.grouped_attention = loss, tiled, attn
     dispatch.GROUPED_FFNS._items["tiled"] = tiled
     try:
-        sh = jax.tree.map(lambda x: x.sharding, state)
         with parallel.use_mesh(mesh):
-            return jax.jit(train.make_train_step(graphdef, opt, cfg), donate_argnums=0,
-                           in_shardings=(sh, parallel.batch_sharding(mesh)),
-                           out_shardings=(sh, None)).lower(state, batch).compile()
+            return train.jit_train_step(graphdef, opt, cfg, state, mesh).lower(state, batch).compile()
     finally:
         (train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"],
          attention.grouped_attention) = saved

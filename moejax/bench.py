@@ -37,7 +37,7 @@ from moejax import parallel
 from moejax.config import Config
 from moejax.errors import UserError, run_cli
 from moejax.optim import make_optimizer
-from moejax.train import create_sharded_state, make_train_step
+from moejax.train import check_accumulation, create_sharded_state, jit_train_step
 
 
 def synthetic_batch(cfg: Config, seed: int) -> dict[str, np.ndarray]:
@@ -111,20 +111,14 @@ def _time_steps(compiled, state, batches, steps: int, warmup: int, say
 def run(cfg: Config, steps: int, warmup: int = 2, say=print) -> dict[str, Any]:
     """Compile, warm up and time `steps` train steps of `cfg`; returns the result record."""
     tc = cfg.train
-    if tc.batch_size % tc.grad_accum:
-        raise UserError(f"train.batch_size = {tc.batch_size} is not divisible by train.grad_accum = "
-                        f"{tc.grad_accum}")
+    check_accumulation(tc)
     mesh = parallel.make_mesh(cfg)
     optimizer = make_optimizer(tc)
     graphdef, state = create_sharded_state(cfg, mesh, optimizer)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
     batches = [parallel.put_batch(synthetic_batch(cfg, tc.seed + i), mesh) for i in range(2)]
 
     def compile_step():
-        jitted = jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
-                         in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                         out_shardings=(state_sh, None))
-        return jitted.lower(state, batches[0]).compile()
+        return jit_train_step(graphdef, optimizer, cfg, state, mesh).lower(state, batches[0]).compile()
 
     dev = jax.devices()[0]
     say(f"bench: {jax.device_count()} x {dev.device_kind} ({jax.default_backend()}), mesh "

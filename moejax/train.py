@@ -24,7 +24,7 @@ from moejax import config as config_lib
 from moejax import flops as flops_lib
 from moejax import parallel
 from moejax.checkpoint import Checkpointer
-from moejax.config import Config
+from moejax.config import Config, TrainConfig
 from moejax.data import open_source
 from moejax.data.packing import Packer
 from moejax.errors import UserError, run_cli
@@ -336,12 +336,25 @@ def _fmt_time(seconds: float) -> str:
 # The loop.
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) training; returns the last logged metrics (with the final eval)."""
-    tc = cfg.train
+def check_accumulation(tc: TrainConfig) -> None:
     if tc.batch_size % tc.grad_accum:
         raise UserError(f"train.batch_size = {tc.batch_size} is not divisible by train.grad_accum = "
                         f"{tc.grad_accum}")
+
+
+def jit_train_step(graphdef, optimizer, cfg: Config, state, mesh):
+    """The jitted train step: the state donated, its shardings pinned on the way in and out (so it
+    never moves between steps), the batch sharded over the batch axes."""
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, None))
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) training; returns the last logged metrics (with the final eval)."""
+    tc = cfg.train
+    check_accumulation(tc)
     mesh = parallel.make_mesh(cfg)
     workdir = prepare_workdir(cfg)
     train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)
@@ -367,11 +380,7 @@ def train(cfg: Config) -> dict[str, Any]:
           f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
 
-    state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
-                         in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, None))
+    train_step = jit_train_step(graphdef, optimizer, cfg, state, mesh)
     eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     stop = _StopRequest()

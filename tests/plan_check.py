@@ -16,7 +16,7 @@ import numpy as np
 
 from moejax import bench, config, parallel, plan
 from moejax.optim import make_optimizer
-from moejax.train import create_sharded_state, make_train_step
+from moejax.train import create_sharded_state, jit_train_step
 
 BASE = ["model.vocab_size=1024", "model.d_model=128", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.d_ff=256", "model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.d_expert=256",
@@ -31,12 +31,9 @@ def xla_bytes(cfg, devices) -> tuple[dict, int]:
     mesh = parallel.make_mesh(cfg, devices)
     opt = make_optimizer(cfg.train)
     graphdef, state = create_sharded_state(cfg, mesh, opt)
-    sh = jax.tree.map(lambda x: x.sharding, state)
     batch = parallel.put_batch(bench.synthetic_batch(cfg, 0), mesh)
     with parallel.use_mesh(mesh):
-        compiled = jax.jit(make_train_step(graphdef, opt, cfg), donate_argnums=0,
-                           in_shardings=(sh, parallel.batch_sharding(mesh)),
-                           out_shardings=(sh, None)).lower(state, batch).compile()
+        compiled = jit_train_step(graphdef, opt, cfg, state, mesh).lower(state, batch).compile()
     return bench.compiled_memory_bytes(compiled), shard_bytes(state["params"])
 
 
