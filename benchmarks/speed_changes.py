@@ -5,7 +5,8 @@
 The replaced code is kept here, verbatim, as the "before" variants; each variant is the real train
 step (`moejax.train.make_train_step`, jitted with the state donated, as `moejax.bench` runs it) with
 the functions swapped in before tracing. The variants run interleaved, one step each per round, so
-a change of machine load hits them all alike. Printed per variant: median wall time and median
+a change of machine load hits them all alike (`--only` picks some: variants sharing a process
+were seen to slow the last one down, so compare two also in separate processes). Printed per variant: median wall time and median
 process CPU time (all threads; steadier on a shared machine) per step, and tokens/s.
 
 Variants (cumulative):
@@ -85,13 +86,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                   help="run only these variants (one per process compares them without sharing a process)")
     a = p.parse_args()
+    names = a.only.split(",") if a.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     cfg = config.load(None, ["mesh.data=1"] + a.set)
     mesh = parallel.make_mesh(cfg, jax.devices()[:1])
     opt = make_optimizer(cfg.train)
     batch = parallel.put_batch(bench.synthetic_batch(cfg, 0), mesh)
     runs = {}
-    for name in VARIANTS:
+    for name in names:
         graphdef, state = train.create_sharded_state(cfg, mesh, opt)
         runs[name] = [compile_variant(cfg, name, mesh, opt, graphdef, state, batch), state]
     wall = {k: [] for k in runs}

@@ -37,7 +37,7 @@ from moejax import parallel
 from moejax.config import Config
 from moejax.errors import UserError, run_cli
 from moejax.optim import make_optimizer
-from moejax.train import check_accumulation, create_sharded_state, jit_train_step
+from moejax.train import create_sharded_state, jit_train_step
 
 
 def synthetic_batch(cfg: Config, seed: int) -> dict[str, np.ndarray]:
@@ -111,7 +111,6 @@ def _time_steps(compiled, state, batches, steps: int, warmup: int, say
 def run(cfg: Config, steps: int, warmup: int = 2, say=print) -> dict[str, Any]:
     """Compile, warm up and time `steps` train steps of `cfg`; returns the result record."""
     tc = cfg.train
-    check_accumulation(tc)
     mesh = parallel.make_mesh(cfg)
     optimizer = make_optimizer(tc)
     graphdef, state = create_sharded_state(cfg, mesh, optimizer)

@@ -477,6 +477,9 @@ def _check_mesh(mesh: MeshConfig) -> None:
 def _check_train(t: TrainConfig) -> None:
     from moejax.optim import PARAM_GROUPS  # imported late to keep config light
 
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by train.grad_accum = "
+                          f"{t.grad_accum}")
     allowed = ", ".join(PARAM_GROUPS)
     for key in ("freeze", "train_only"):
         for g in getattr(t, key):

@@ -24,7 +24,7 @@ from moejax import config as config_lib
 from moejax import flops as flops_lib
 from moejax import parallel
 from moejax.checkpoint import Checkpointer
-from moejax.config import Config, TrainConfig
+from moejax.config import Config
 from moejax.data import open_source
 from moejax.data.packing import Packer
 from moejax.errors import UserError, run_cli
@@ -336,12 +336,6 @@ def _fmt_time(seconds: float) -> str:
 # The loop.
 
 
-def check_accumulation(tc: TrainConfig) -> None:
-    if tc.batch_size % tc.grad_accum:
-        raise UserError(f"train.batch_size = {tc.batch_size} is not divisible by train.grad_accum = "
-                        f"{tc.grad_accum}")
-
-
 def jit_train_step(graphdef, optimizer, cfg: Config, state, mesh):
     """The jitted train step: the state donated, its shardings pinned on the way in and out (so it
     never moves between steps), the batch sharded over the batch axes."""
@@ -354,7 +348,6 @@ def jit_train_step(graphdef, optimizer, cfg: Config, state, mesh):
 def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) training; returns the last logged metrics (with the final eval)."""
     tc = cfg.train
-    check_accumulation(tc)
     mesh = parallel.make_mesh(cfg)
     workdir = prepare_workdir(cfg)
     train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)

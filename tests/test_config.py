@@ -224,3 +224,9 @@ def test_override_under_empty_section(tmp_path):
 def test_non_finite_floats_are_refused(value):
     with pytest.raises(ConfigError, match="train.lr.*finite"):
         config.load(None, [f"train.lr={value}"])
+
+
+def test_batch_must_split_into_the_accumulation_micro_batches():
+    assert config.load(None, ["train.batch_size=8", "train.grad_accum=4"]).train.grad_accum == 4
+    with pytest.raises(ConfigError, match=r"train.batch_size = 8 is not divisible by train.grad_accum = 3"):
+        config.load(None, ["train.batch_size=8", "train.grad_accum=3"])
