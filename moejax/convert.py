@@ -84,8 +84,8 @@ def save_run(model: nnx.Module, cfg: Config, workdir: str) -> Config:
 
 def load_run(workdir: str, step: int | None = None) -> tuple[nnx.Module, Config]:
     """The model (parameters of the latest checkpoint, or of `step`) and config of a run directory.
-    Unlike `moejax.train.restore_model` it needs no tokenizer."""
-    from moejax.train import load_model
+    Unlike `moejax.runs.restore_model` it needs no tokenizer."""
+    from moejax.runs import load_model
 
     cfg, model = load_model(workdir, step)
     return model, cfg

@@ -204,7 +204,7 @@ def _run_conversion(args, convert) -> int:
 
     from moejax import config as config_lib
     from moejax.convert import load_run, save_run
-    from moejax.train import build_model
+    from moejax.runs import build_model
 
     model, dense_cfg = load_run(args.source)
     if args.set:

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise UserError("--max-new-tokens must be >= 1 and --temperature >= 0")
-    from moejax.train import restore_model  # heavy imports after argument checks
+    from moejax.runs import restore_model  # heavy imports after argument checks
 
     _, model, tok = restore_model(args.workdir)
     prompts = [tok.encode_prompt(Example((("user", text),))) for text in args.prompt]

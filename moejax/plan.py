@@ -4,7 +4,7 @@ What a training run needs before it is started: parameter counts (total and acti
 layer) and the memory per device under the config's mesh and dtype, whether that fits, and if not,
 the smallest device count and settings that would. Nothing is allocated and nothing is compiled:
 
-- Parameters are counted from the real model structure (`nnx.eval_shape` of `train.build_model`),
+- Parameters are counted from the real model structure (`nnx.eval_shape` of `runs.build_model`),
   each leaf classified by its path (embed, blocks/<i>/attn/..., blocks/<i>/ffn/w_gate [E, D, F], ...).
 - Parameters, gradients and optimizer state per device: every leaf's shard under the config's mesh,
   from its logical axes and `parallel.RULES`; the optimizer state's shapes come from `optax`'s own
@@ -57,7 +57,7 @@ def model_key(cfg: Config) -> Config:
 
 @functools.lru_cache(maxsize=8)
 def _abstract(cfg: Config) -> tuple[Any, nnx.State]:
-    from moejax.train import build_model  # heavy import (data, checkpoint), only when needed
+    from moejax.runs import build_model
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
     return graphdef, state

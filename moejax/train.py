@@ -30,19 +30,15 @@ from moejax.data.packing import Packer
 from moejax.errors import UserError, run_cli
 from moejax.evaluate import exact_match, held_out_questions
 from moejax.metrics import MetricsWriter
-from moejax.model import Transformer, routing
+from moejax.model import routing
 from moejax.optim import make_optimizer, schedule
+from moejax.runs import build_model, tokenizer_path
 
 EVAL_BATCHES = 4
 
 
 # ----------------------------------------------------------------------------------------------
 # The pure pieces: model/state construction, loss, the jitted steps.
-
-
-def build_model(cfg: Config) -> Transformer:
-    return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.train.dtype),
-                       remat=cfg.train.remat)
 
 
 def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> dict[str, Any]:
@@ -246,7 +242,7 @@ def load_tokenizer(cfg: Config, workdir: str, train_source):
     from moejax.data.formats import iter_texts
     from moejax.tokenizer import Tokenizer, train_tokenizer
 
-    path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    path = tokenizer_path(cfg, workdir)
     if not os.path.exists(path):
         if cfg.data.tokenizer:
             raise UserError(f"data.tokenizer {path!r} does not exist")
@@ -275,37 +271,6 @@ def _prepare_data(cfg: Config, workdir: str):
         out = prepare()
     multihost_utils.sync_global_devices("moejax: data and tokenizer ready")
     return out if jax.process_index() == 0 else prepare()
-
-
-def load_model(workdir: str, step: int | None = None) -> tuple[Config, Transformer]:
-    """The config and model (parameters of the latest checkpoint, or of `step`, on one device) of a
-    run directory. Only the parameters are read, so any run's checkpoint works, sharded or not."""
-    cfg_path = os.path.join(workdir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise UserError(f"{workdir!r} is not a moejax run directory (no config.yaml)")
-    cfg = config_lib.load(cfg_path)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        if ckpt.latest_step() is None:
-            raise UserError(f"run directory {workdir!r} has no checkpoint yet")
-        if step is not None and step not in ckpt.manager.all_steps():
-            raise UserError(f"run directory {workdir!r} has no checkpoint at step {step}; it has "
-                            f"{sorted(ckpt.manager.all_steps())}")
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-        return cfg, nnx.merge(graphdef, ckpt.restore_params(params, step))
-    finally:
-        ckpt.close()
-
-
-def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
-    """The config, model (`load_model`) and tokenizer of a run directory."""
-    from moejax.tokenizer import Tokenizer
-
-    cfg, model = load_model(workdir)
-    tok_path = cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
-    return cfg, model, Tokenizer.load(tok_path)
 
 
 class _StopRequest:

@@ -191,7 +191,7 @@ QUICKSTART_CELLS = header("quickstart", "moejax quickstart: train a small Mixtur
         from moejax.data import open_source
         from moejax.decode import generate
         from moejax.evaluate import held_out_questions
-        from moejax.train import restore_model
+        from moejax.runs import restore_model
 
         cfg, model, tok = restore_model(WORKDIR)
         questions = held_out_questions(open_source(cfg.data.source, cfg.data.eval_split, cfg.data), 2)

@@ -16,7 +16,8 @@ from moejax.errors import UserError
 from moejax.interop import hf, safetensors_io
 from moejax.metrics import read_metrics
 from moejax.tokenizer import train_tokenizer
-from moejax.train import lm_loss_sum, restore_model, train
+from moejax.runs import restore_model
+from moejax.train import lm_loss_sum, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = os.path.join(REPO, "tests", "fixtures", "hf", "llama")  # vocab 320, tied embeddings

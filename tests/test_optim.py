@@ -35,7 +35,7 @@ def test_weight_decay_skips_norm_scales():
 
 def _tiny_params():
     from flax import nnx
-    from moejax.train import build_model
+    from moejax.runs import build_model
     cfg = config.load(None, ["model.vocab_size=32", "model.d_model=16", "model.n_layers=2",
                              "model.n_heads=2", "model.n_kv_heads=1", "model.d_ff=16",
                              "model.moe.num_experts=2", "model.moe.top_k=1", "model.moe.d_expert=8",

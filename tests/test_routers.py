@@ -269,7 +269,8 @@ def test_pyramid_layers_shared_gate_and_routing_outputs_in_the_model():
 def test_train_step_moves_the_deepseek_bias_toward_balance_without_gradients():
     from moejax import config as config_lib
     from moejax.optim import make_optimizer
-    from moejax.train import build_model, init_state, make_train_step
+    from moejax.runs import build_model
+    from moejax.train import init_state, make_train_step
     cfg = config_lib.load(None, ["model.vocab_size=32", "model.d_model=16", "model.n_layers=1",
                                  "model.n_heads=2", "model.n_kv_heads=1", "model.moe.num_experts=4",
                                  "model.moe.top_k=1", "model.moe.d_expert=8", "model.moe.router=deepseek",

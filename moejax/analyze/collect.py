@@ -113,8 +113,8 @@ def _unique(name: str, taken) -> str:
 
 def restore_params(workdir: str):
     """(config, model, tokenizer) of a run directory: its latest checkpoint's parameters on one
-    device (`moejax.train.restore_model`)."""
-    from moejax.train import restore_model
+    device (`moejax.runs.restore_model`)."""
+    from moejax.runs import restore_model
     return restore_model(workdir)
 
 

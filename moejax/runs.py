@@ -1,0 +1,70 @@
+"""Run directories: build a run's model, load its config and checkpointed parameters, its tokenizer.
+
+One module that every command reading a run goes through (train, generate, evaluate, analyze,
+convert, compress), so none of them imports another command. It imports only config, checkpoint and
+model: nothing of training, data pipelines or analysis.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import config as config_lib
+from moejax.checkpoint import Checkpointer
+from moejax.config import Config
+from moejax.errors import UserError
+from moejax.model import Transformer
+
+
+def build_model(cfg: Config) -> Transformer:
+    """A freshly initialised model of `cfg` (seed `train.seed`, dtype `train.dtype`, remat)."""
+    return Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed), dtype=jnp.dtype(cfg.train.dtype),
+                       remat=cfg.train.remat)
+
+
+def load_config(workdir: str) -> Config:
+    """The resolved config a run directory was trained with (`WORKDIR/config.yaml`)."""
+    cfg_path = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{workdir!r} is not a moejax run directory (no config.yaml)")
+    return config_lib.load(cfg_path)
+
+
+def load_model(workdir: str, step: int | None = None) -> tuple[Config, Transformer]:
+    """The config and model (parameters of the latest checkpoint, or of `step`, on one device) of a
+    run directory. Only the parameters are read, so any run's checkpoint works, sharded or not."""
+    cfg = load_config(workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        if ckpt.latest_step() is None:
+            raise UserError(f"run directory {workdir!r} has no checkpoint yet")
+        if step is not None and step not in ckpt.manager.all_steps():
+            raise UserError(f"run directory {workdir!r} has no checkpoint at step {step}; it has "
+                            f"{sorted(ckpt.manager.all_steps())}")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+        return cfg, nnx.merge(graphdef, ckpt.restore_params(params, step))
+    finally:
+        ckpt.close()
+
+
+def tokenizer_path(cfg: Config, workdir: str) -> str:
+    """Where a run's tokenizer is: `data.tokenizer`, else the one trained into the run directory."""
+    return cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+
+
+def load_tokenizer(cfg: Config, workdir: str):
+    from moejax.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_path(cfg, workdir))
+
+
+def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:
+    """The config, model (`load_model`) and tokenizer of a run directory."""
+    cfg, model = load_model(workdir)
+    return cfg, model, load_tokenizer(cfg, workdir)
