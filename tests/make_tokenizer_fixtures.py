@@ -302,7 +302,44 @@ def main() -> int:
             print(f"{name}: {expected['dirs'][name]['class']}, raw tokenizers differs on {diff} texts")
     with open(os.path.join(OUT, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, indent=1, ensure_ascii=False)
+    tiny_llama(dirs["llama3"])
     return 0
+
+
+CHAT_PROMPTS = ["What is 2 + 2?", "Name a color."]
+
+
+def tiny_llama(tokenizer_dir: str) -> None:
+    """A tiny random Llama checkpoint saved with the llama3 fixture tokenizer and its chat template,
+    and transformers' greedy chat answers (new token ids, stopping at eos / <|eot_id|>)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    d = os.path.join(OUT, "tiny_llama_chat")
+    shutil.rmtree(d, ignore_errors=True)
+    torch.manual_seed(0)
+    eos = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=eos, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)  # spread logits: greedy choices far from ties
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    model.generation_config.eos_token_id = eos
+    answers = []
+    for prompt in CHAT_PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+        answers.append({"prompt": prompt, "prompt_ids": ids[0].tolist(), "token_ids": out[0, ids.shape[1]:].tolist()})
+    with open(os.path.join(d, "expected_generate.json"), "w", encoding="utf-8") as f:
+        json.dump({"transformers": transformers.__version__, "answers": answers}, f, indent=1)
 
 
 if __name__ == "__main__":
