@@ -191,7 +191,10 @@ def export_hf(args: argparse.Namespace) -> int:
         tok = load_tokenizer(cfg, args.workdir)
     ids = {}
     if tok is not None:
-        ids = {f"{k}_token_id": i for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id))
+        # pad only when the tokenizer names one: transformers' generate masks out every pad id in a
+        # prompt, and a stand-in pad (eos, e.g. <|eot_id|>) occurs in every chat prompt.
+        pad = tok.pad_id if "pad_token" in tok.special_tokens else None
+        ids = {f"{k}_token_id": i for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", pad))
                if i is not None and i >= 0}
     model_type = hf.to_pretrained(model, cfg, args.out_dir, model_type=args.model_type, dtype=args.dtype,
                                   max_shard_size=args.max_shard_size, extra=ids)

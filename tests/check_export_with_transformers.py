@@ -57,8 +57,9 @@ def main() -> int:
     for q, o in zip(PROMPTS, ours):
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            g = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
+        with torch.no_grad():  # an explicit attention mask: no prompt token is taken for padding
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                               eos_token_id=eos)
         theirs = g[0, ids.shape[1]:].tolist()
         same += theirs == o["token_ids"]
         print(json.dumps({"prompt": q, "moejax": o["token_ids"], "transformers": theirs,

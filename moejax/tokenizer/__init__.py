@@ -37,7 +37,7 @@ def load(path: str | os.PathLike, chat_template: str | None = None) -> ChatToken
     elif os.path.isfile(path):
         tok = _load_model_file(path)
     else:
-        raise UserError(f"tokenizer {path!r} does not exist (expected a Hugging Face tokenizer directory "
+        raise UserError(f"tokenizer file {path!r} does not exist (expected a Hugging Face tokenizer directory "
                         "or a SentencePiece .model file)")
     if chat_template:
         tok.chat_template = tok.template(chat_template)

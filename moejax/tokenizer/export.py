@@ -64,5 +64,6 @@ def write_tokenizer(tok: ChatTokenizer, out_dir: str) -> None:
     if os.path.exists(jinja):
         os.unlink(jinja)
     _json(os.path.join(out_dir, "tokenizer_config.json"), config)
-    gen = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id}
+    pad = tok.pad_id if "pad_token" in tok.special_tokens else None  # see convert.export_hf
+    gen = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": pad}
     _json(os.path.join(out_dir, "generation_config.json"), {k: v for k, v in gen.items() if v is not None})
