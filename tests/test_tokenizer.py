@@ -242,3 +242,30 @@ def test_cli_error_is_one_line(jsonl_config, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("text", [render(CHAT), "What is 12 + 30?", "  two leading spaces", "a   b    c",
+                                  "tabs\tand\nnew\n\nlines ", "unseen: ÿ ü 中文 🙂", "<|end|>x<|user|>", ""])
+def test_export_as_tokenizers_json_gives_the_same_ids(tok, text):
+    """export-hf writes moejax's SentencePiece model as a tokenizer.json (what AutoTokenizer reads)."""
+    from moejax.tokenizer.export import moejax_to_tokenizers
+
+    tk = moejax_to_tokenizers(tok)
+    assert tk.encode(text, add_special_tokens=False).ids == tok.encode(text)
+    assert tk.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text))
+
+
+def test_load_and_chat_interface(tok):
+    loaded = tokenizer_lib.load(tok.path)
+    msgs = [{"role": r, "content": t} for r, t in CHAT.turns]
+    assert loaded.encode_chat(msgs) == tok.encode_chat(CHAT)
+    assert loaded.apply_chat_template(msgs) == "<s>" + render(CHAT) + "</s>"
+    assert loaded.apply_chat_template(msgs[:2], add_generation_prompt=True) == \
+        "<s>" + render(Example(CHAT.turns[:2])) + "<|assistant|>\n"
+    assert set(loaded.stop_ids) == {tok.end_id, tok.eos_id}
+    with pytest.raises(tokenizer_lib.ChatTemplateError) as e:
+        loaded.encode_chat([{"role": "user", "content": "x"}])
+    assert e.value.reason == "no_assistant_turn"
