@@ -213,7 +213,7 @@ def train_from_config(cfg, out: str | None = None, limit: int | None = 20_000) -
     """Train on up to `limit` examples of cfg.data.source's train split with cfg.model.vocab_size;
     write to `out`, else cfg.data.tokenizer, else WORKDIR/tokenizer.model."""
     from moejax import data  # late: the data package may import this module
-    from moejax.data.formats import iter_texts
+    from moejax.data.pipeline import iter_texts
 
     path = out or cfg.data.tokenizer or os.path.join(cfg.train.workdir, "tokenizer.model")
     source = data.open_source(cfg.data.source, "train", cfg.data)
