@@ -46,7 +46,7 @@ def write(tmp_path, text, name="d.json"):
 @pytest.mark.parametrize("chunk", [7, 1 << 24])  # records straddling every read boundary, or none
 def test_json_array_random_access(tmp_path, cache, monkeypatch, indent, chunk):
     monkeypatch.setattr(json_array, "CHUNK", chunk)
-    path = write(tmp_path, json.dumps(RECORDS, indent=indent, ensure_ascii=False))
+    path = write(tmp_path, "\ufeff" + json.dumps(RECORDS, indent=indent, ensure_ascii=False))
     src = JsonArraySource(path)
     assert (len(src), src.format, src.records, src.cached) == (40, "sharegpt", 40, False)
     for i in [39, 0, 17, 3]:
@@ -92,16 +92,17 @@ def test_malformed_json_names_the_byte(tmp_path, cache, text, needle):
 
 
 def test_not_utf8(tmp_path, cache):
-    path = write(tmp_path, b'[{"text": "\xff"}]')
-    with pytest.raises(UserError, match=r"byte 11: not UTF-8"):
-        JsonArraySource(path)
+    path = write(tmp_path, b'[{"text": "a"}, {"text": "\xff"}]')
+    src = JsonArraySource(path)
+    with pytest.raises(UserError, match=r"record at byte 16: byte 26 is not UTF-8"):
+        src[1]
 
 
 def test_record_without_assistant_turn(tmp_path, cache):
     bad = {"conversations": [{"from": "human", "value": "hi"}]}
-    text = json.dumps([RECORDS[0], RECORDS[1], bad, RECORDS[2]])
+    text = json.dumps([RECORDS[0], RECORDS[1], bad, RECORDS[2]], ensure_ascii=False)
     path = write(tmp_path, text)
-    start = text.index('{"conversations": [{"from": "human", "value": "hi"}]}')
+    start = len(text[:text.index('{"conversations": [{"from": "human", "value": "hi"}]}')].encode())
     with pytest.raises(UserError) as e:
         JsonArraySource(path)
     assert str(e.value).startswith(f"{path}: record 2 (byte {start}): 'conversations' has no "

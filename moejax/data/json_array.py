@@ -9,7 +9,6 @@ mtime), so only the first run pays the scan. `source[i]` is then one `os.pread` 
 """
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -29,45 +28,35 @@ _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
-def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 class _Reader:
-    """The file as a window of decoded text, with the byte offset of any position at or after the
-    last one asked for (a mark moved forward as positions are asked for, so the text is encoded
-    once overall; the window is only cut when the next chunk is appended)."""
+    """The file as a sliding window of text decoded as Latin-1: one character per byte, so a
+    position is a byte offset (`base + pos`) and decoding is a copy. JSON's structure is ASCII, and
+    the bytes of a multi-byte UTF-8 character are all >= 0x80 (never a quote, backslash or control
+    character), so the decoder finds exactly the same record boundaries as on the UTF-8 text; keys
+    and roles are ASCII, so the format checks see them as they are. `source[i]` decodes the record's
+    bytes as UTF-8 (`json.loads`)."""
 
     def __init__(self, path: str):
         self.path = path
         self.f = open(path, "rb")
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = ""
-        self.mark_pos, self.mark_byte = 0, 0  # text[mark_pos] is at byte mark_byte of the file
+        self.base = 0        # byte offset of text[0]
         self.read_bytes = 0  # bytes read from the file so far
         self.eof = False
 
     def more(self, keep_from: int) -> int:
         """Drop text[:keep_from], append the next chunk; returns keep_from's new index (0)."""
-        self.mark_byte = self.byte_at(keep_from)
-        self.text, self.mark_pos = self.text[keep_from:], 0
+        self.base += keep_from
+        self.text = self.text[keep_from:]
         if not self.eof:
             raw = self.f.read(CHUNK)
-            try:
-                self.text += self.decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{self.path}: byte {self.read_bytes + e.start}: not UTF-8 text "
-                                "(a JSON file must be UTF-8)") from None
+            self.text += raw.decode("latin-1")
             self.read_bytes += len(raw)
             self.eof = not raw
         return 0
 
     def byte_at(self, pos: int) -> int:
-        if pos < self.mark_pos:  # only for error messages: recount from the window's start
-            return self.mark_byte - _utf8_len(self.text[pos:self.mark_pos])
-        self.mark_byte += _utf8_len(self.text[self.mark_pos:pos])
-        self.mark_pos = pos
-        return self.mark_byte
+        return self.base + pos
 
     def skip_ws(self, pos: int) -> int:
         """Index of the next non-whitespace character (reading on as needed); len(text) at EOF."""
@@ -96,8 +85,8 @@ def scan(path: str, validator: Validator) -> tuple[np.ndarray, np.ndarray, int]:
     lengths: list[int] = []
     try:
         pos = r.skip_ws(r.more(0))
-        if pos < len(r.text) and r.text[pos] == "\ufeff":  # a UTF-8 byte order mark
-            pos = r.skip_ws(pos + 1)
+        if r.text.startswith("\xef\xbb\xbf", pos):  # a UTF-8 byte order mark
+            pos = r.skip_ws(pos + 3)
         if pos >= len(r.text):
             raise UserError(f"{path}: the file is empty; expected a JSON array of records")
         if r.text[pos] != "[":
@@ -126,7 +115,7 @@ def scan(path: str, validator: Validator) -> tuple[np.ndarray, np.ndarray, int]:
                         raise UserError(f"{path}: record {index} (from byte {start}): invalid JSON: "
                                         f"{e.msg.removesuffix(' at')} (byte {r.byte_at(e.pos)})") from None
                     pos = r.more(pos)
-            length = r.byte_at(end) - start
+            length = end - pos
             if validator.check(record, f"record {index} (byte {start})"):
                 offsets.append(start)
                 lengths.append(length)
@@ -200,7 +189,13 @@ class JsonArraySource:
             raise IndexError(f"example {i} out of range for {len(self)} examples")
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        return json.loads(os.pread(self._fd, int(self._lengths[i]), int(self._offsets[i])))
+        raw = os.pread(self._fd, int(self._lengths[i]), int(self._offsets[i]))
+        try:
+            return json.loads(raw)
+        except UnicodeDecodeError as e:  # the index pass does not decode text (see _Reader)
+            raise UserError(f"{self.path}: record at byte {int(self._offsets[i])}: byte "
+                            f"{int(self._offsets[i]) + e.start} is not UTF-8 (a JSON file must be "
+                            "UTF-8)") from None
 
     def __getitem__(self, i: int) -> Example:
         return parse_record(self.raw(i), self.format)
