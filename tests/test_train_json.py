@@ -11,7 +11,7 @@ from moejax.train import train
 TINY_RUN = [
     "model.vocab_size=320", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
     "model.n_kv_heads=2", "model.d_ff=64", "model.moe.num_experts=4", "model.moe.top_k=2",
-    "model.moe.d_expert=32", "model.moe.tile_size=32", "data.seq_len=64", "data.eval_questions=1",
+    "model.moe.d_expert=32", "model.moe.tile_size=32", "data.seq_len=64", "data.eval_questions=0",
     "data.workers=2", "data.prefetch=8", "train.batch_size=4", "train.lr=3e-3",
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=100", "train.save_every=3",
 ]

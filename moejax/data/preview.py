@@ -24,6 +24,8 @@ def marked(tokenizer: Any, ids: Sequence[int], mask: Sequence[int]) -> str:
     for k in range(1, len(ids) + 1):
         if k == len(ids) or bool(mask[k]) != bool(mask[start]):
             text = _decode(tokenizer, ids[start:k])
+            if not text and list(ids[start:k]) == [getattr(tokenizer, "eos_id", None)]:
+                text = "<eos>"  # a decoder that drops EOS: still show that it is trained
             out.append(f"{OPEN}{text}{CLOSE}" if mask[start] else text)
             start = k
     return "".join(out)
