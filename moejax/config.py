@@ -164,8 +164,11 @@ class DataConfig:
                      "(one JSON array), parquet:PATH_OR_GLOB or hf:ORG/NAME (local hub cache).")
     seq_len: int = _f(256, "Tokens per packed training sequence.", min=2)
     format: str = _f("auto", "Record format of file sources (auto = inferred from the first record).")
-    tokenizer: str = _f("", "SentencePiece model file; empty = train one from the data into "
-                        "WORKDIR/tokenizer.model on first use.")
+    tokenizer: str = _f("", "Tokenizer: a Hugging Face tokenizer directory (tokenizer.json / tokenizer.model "
+                        "+ tokenizer_config.json), a SentencePiece .model file, or a moejax-trained model; "
+                        "empty = train one from the data into WORKDIR/tokenizer.model on first use.")
+    chat_template: str = _f("", "Chat template override: a Jinja file or a built-in name (moejax, chatml); "
+                            "empty = the tokenizer's own.")
     skip_bad_lines: bool = _f(False, "Skip (and count) malformed records instead of stopping.")
     cache_dir: str = _f("", "Where indexes of json/parquet files are cached; empty = $MOEJAX_CACHE, "
                         "else ~/.cache/moejax.")
