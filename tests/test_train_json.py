@@ -43,7 +43,6 @@ def run(data_file, workdir, steps, cache):
                                                f"train.workdir={workdir}", f"train.steps={steps}"]))
 
 
-@pytest.mark.slow
 def test_json_array_training_resumes_exactly(data_file, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     straight = str(tmp_path / "straight")
