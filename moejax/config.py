@@ -160,15 +160,21 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("tfds:moejax_tasks", "Where examples come from: tfds:NAME or jsonl:PATH.")
+    source: str = _f("tfds:moejax_tasks", "Where examples come from: tfds:NAME, jsonl:PATH, json:PATH "
+                     "(one JSON array), parquet:PATH_OR_GLOB or hf:ORG/NAME (local hub cache).")
     seq_len: int = _f(256, "Tokens per packed training sequence.", min=2)
-    format: str = _f("auto", "Record format of jsonl sources (auto = inferred from the first line).")
+    format: str = _f("auto", "Record format of file sources (auto = inferred from the first record).")
     tokenizer: str = _f("", "Tokenizer: a Hugging Face tokenizer directory (tokenizer.json / tokenizer.model "
                         "+ tokenizer_config.json), a SentencePiece .model file, or a moejax-trained model; "
                         "empty = train one from the data into WORKDIR/tokenizer.model on first use.")
     chat_template: str = _f("", "Chat template override: a Jinja file or a built-in name (moejax, chatml); "
                             "empty = the tokenizer's own.")
-    skip_bad_lines: bool = _f(False, "Skip (and count) malformed jsonl lines instead of stopping.")
+    skip_bad_lines: bool = _f(False, "Skip (and count) malformed records instead of stopping.")
+    cache_dir: str = _f("", "Where indexes of json/parquet files are cached; empty = $MOEJAX_CACHE, "
+                        "else ~/.cache/moejax.")
+    workers: int = _f(2, "Background threads that read and tokenize examples ahead of packing "
+                      "(0 = none, in the training loop).", min=0)
+    prefetch: int = _f(256, "Examples read and tokenized ahead of the packer (bounds memory).", min=1)
     tfds_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or ~/tensorflow_datasets.")
     eval_split: str = _f("validation", "Split used for validation loss and exact-match accuracy.")
     eval_questions: int = _f(32, "Held-out questions per domain for exact-match accuracy.", min=0)

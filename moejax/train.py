@@ -26,7 +26,7 @@ from moejax import parallel
 from moejax.checkpoint import Checkpointer
 from moejax.config import Config
 from moejax.data import open_source
-from moejax.data.packing import Packer
+from moejax.data.pipeline import make_packer
 from moejax.errors import UserError, run_cli
 from moejax.evaluate import exact_match, held_out_questions
 from moejax.metrics import MetricsWriter
@@ -313,10 +313,10 @@ def train(cfg: Config) -> dict[str, Any]:
     mesh = parallel.make_mesh(cfg)
     workdir = prepare_workdir(cfg)
     train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)
-    packer = Packer(train_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
-                    shard_index=jax.process_index(), shard_count=jax.process_count())
-    eval_packer = Packer(eval_src, tokenizer, cfg.data.seq_len, tc.batch_size, tc.seed,
-                         shard_index=jax.process_index(), shard_count=jax.process_count())
+    packer = make_packer(cfg, train_src, tokenizer, shard_index=jax.process_index(),
+                         shard_count=jax.process_count())
+    eval_packer = make_packer(cfg, eval_src, tokenizer, shard_index=jax.process_index(),
+                              shard_count=jax.process_count(), workers=0)
     eval_batches = [next(eval_packer) for _ in range(EVAL_BATCHES)]
     questions = held_out_questions(eval_src, cfg.data.eval_questions)
 

@@ -10,7 +10,7 @@ import pytest
 
 from moejax import config, convert
 from moejax.data import open_source
-from moejax.data.formats import iter_texts
+from moejax.data.pipeline import iter_texts
 from moejax.data.packing import Packer
 from moejax.errors import UserError
 from moejax.interop import hf, safetensors_io

@@ -5,7 +5,9 @@ import pickle
 import pytest
 
 from moejax.data.example import Example
-from moejax.data.formats import FORMATS, JsonlSource, detect_format, iter_texts
+from moejax.data.formats import FORMATS, detect_format
+from moejax.data.jsonl import JsonlSource
+from moejax.data.pipeline import iter_texts
 from moejax.errors import UserError
 
 

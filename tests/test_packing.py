@@ -234,3 +234,63 @@ def test_reads_lazily():
     packer = Packer(source, FakeTokenizer(), seq_len=32, batch_size=2, seed=0)
     next(packer)
     assert source.reads == packer.examples_seen + 1  # what the batch holds, plus the one peeked at
+
+
+def test_background_workers_give_the_same_stream_and_resume():
+    """Read-ahead threads (grain) change nothing: same batches, same state, exact resume mid-epoch."""
+    source, tok = make_source(23, seed=3), FakeTokenizer()
+    plain = Packer(source, tok, seq_len=20, batch_size=3, seed=4)
+    ahead = Packer(source, tok, seq_len=20, batch_size=3, seed=4, workers=2, prefetch=5)
+    for _ in range(9):  # several epochs
+        want, got = next(plain), next(ahead)
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+        assert plain.get_state() == ahead.get_state()
+    state = ahead.get_state()
+    resumed = Packer(source, tok, seq_len=20, batch_size=3, seed=4, workers=2, prefetch=3)
+    resumed.set_state(state)
+    for _ in range(3):
+        want, got = next(plain), next(resumed)
+        np.testing.assert_array_equal(want["tokens"], got["tokens"])
+
+
+class RefusingTokenizer(FakeTokenizer):
+    """Refuses (like a template's raise_exception) conversations whose question contains 'x'."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, chat_template=None):
+        raise NotImplementedError
+
+    def encode_chat(self, messages, chat_template=None):
+        from moejax.errors import UserError as Refusal
+        if "x" in messages[0]["content"]:
+            raise Refusal("Conversation roles must alternate user/assistant/user/assistant/...")
+        return FakeTokenizer.encode_chat(self, Example(tuple((m["role"], m["content"]) for m in messages)))
+
+
+def test_refused_conversations_are_counted_and_never_packed(monkeypatch):
+    from moejax.data import chat
+    from moejax.errors import UserError as Refusal
+    monkeypatch.setattr(chat, "_refusal_types", lambda: (Refusal,))
+    source, tok = make_source(15, seed=0), RefusingTokenizer()
+    refused = sum("x" in ex.turns[0][1] for ex in source)
+    assert 0 < refused < 15
+    packer = Packer(source, tok, seq_len=24, batch_size=2, seed=0, workers=2)
+    packed = []
+    while packer.get_state()["epoch"] == 0:
+        b = next(packer)
+        for r in range(2):
+            packed += segments_of(b["tokens"][r], b["targets"][r], b["segment_ids"][r])
+    assert all(MARKER["user"] in ids and "x" not in decode(ids) for ids in packed)
+    state = packer.get_state()
+    assert state["skipped"] >= refused  # a whole epoch went by: each refused example counted once
+    assert state["skipped"] == sum(state["skip_reasons"].values())
+    assert list(state["skip_reasons"]) == ["Conversation roles must alternate user/assistant/user/assistant/..."]
+
+
+def test_all_refused_is_an_error(monkeypatch):
+    from moejax.data import chat
+    from moejax.errors import UserError as Refusal
+    monkeypatch.setattr(chat, "_refusal_types", lambda: (Refusal,))
+    source = [Example((("user", "x"), ("assistant", "y")))] * 3
+    with pytest.raises(UserError, match="refuses every example"):
+        next(Packer(source, RefusingTokenizer(), seq_len=24, batch_size=2, seed=0))

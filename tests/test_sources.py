@@ -28,7 +28,10 @@ def test_jsonl_holds_out_its_tail_for_validation(tmp_path):
 
 @pytest.mark.parametrize("source,needle", [
     ("moejax_tasks", "SCHEME:REST"),
-    ("hf:some/dataset", "unknown scheme 'hf'"),
+    ("hf:some/dataset", "not in the local Hugging Face cache"),
+    ("parquet:/nonexistent/*.parquet", "/nonexistent/"),
+    ("json:/nonexistent/file.json", "/nonexistent/file.json"),
+    ("s3:bucket/x", "unknown scheme .s3."),
     ("jsonl:/nonexistent/file.jsonl", "/nonexistent/file.jsonl"),
 ])
 def test_bad_sources_name_themselves(source, needle):

@@ -1,5 +1,5 @@
-"""JSON-lines data sources: one record parser per format (a registry), format detection, and an
-indexed, random-access `JsonlSource`.
+"""Record formats: one record -> `Example` parser per format (a registry) and format detection,
+shared by every file source (jsonl, json, parquet, hf).
 
 Formats (`data.format`), each a record -> `Example` parser:
   sharegpt  {"conversations": [{"from": "system"|"human"|"gpt" (or "user"|"assistant"), "value": str}]}
@@ -12,12 +12,8 @@ Any record may carry a "domain": str, which becomes `Example.domain`.
 from __future__ import annotations
 
 import json
-import os
-import sys
-from array import array
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from moejax.data import Source
 from moejax.data.example import Example
 from moejax.errors import UserError
 from moejax.registry import Registry
@@ -27,7 +23,7 @@ FORMATS: Registry[Parser] = Registry("data format")
 
 
 # ----------------------------------------------------------------------------------------------
-# Record parsers. Each raises ValueError with a short reason; JsonlSource adds "PATH:LINE: ".
+# Record parsers. Each raises ValueError with a short reason; the source adds where ("PATH:LINE: ").
 
 
 def _str(value: Any, where: str) -> str:
@@ -43,7 +39,8 @@ def _field(record: dict, key: str) -> Any:
 
 
 def _domain(record: dict) -> str:
-    return _str(record.get("domain", ""), "'domain'")
+    domain = record.get("domain")  # null (OpenHermes writes every absent key as null) = no domain
+    return "" if domain is None else _str(domain, "'domain'")
 
 
 def _chat(record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]) -> Example:
@@ -125,100 +122,61 @@ def parse_record(record: Any, fmt: str) -> Example:
     return FORMATS.get(fmt)(record)
 
 
-def _check_format(fmt: str) -> None:
+def check_format(fmt: str) -> None:
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"data.format = {fmt!r} is not allowed; allowed: "
                         f"{', '.join(['auto'] + FORMATS.names())}")
 
 
-# ----------------------------------------------------------------------------------------------
-# The source.
+def signature_keys() -> tuple[tuple[tuple[str, ...], str], ...]:
+    """(keys, format) pairs in detection order: what a parquet schema is matched against."""
+    return _SIGNATURES
 
 
-class JsonlSource:
-    """Random access to the examples of a .jsonl file.
-
-    Opening makes one full pass: every non-blank line is parsed and validated (so a bad line stops
-    the run before training starts, naming PATH:LINE), and only the byte offset and length of each good
-    line is kept; `__getitem__` reads and parses one line again with `os.pread`, so big files are never
-    held in memory and concurrent readers share the file descriptor safely.
-    """
-
-    def __init__(self, path: str | os.PathLike, format: str = "auto", skip_bad_lines: bool = False):
-        self.path = os.fspath(path)
-        _check_format(format)
-        if not os.path.isfile(self.path):
-            raise UserError(f"data file {self.path!r} does not exist")
-        self.format = format  # "auto" is replaced by the detected name below
-        self.skipped = 0
-        self._offsets = array("q")
-        self._lengths = array("q")
-        self._index(skip_bad_lines)
-        if not self._offsets:
-            raise UserError(f"data file {self.path!r} has no examples" +
-                            (f" ({self.skipped} bad lines skipped)" if self.skipped else ""))
-        if self.skipped:
-            print(f"warning: skipped {self.skipped} bad lines of {self.path!r} (data.skip_bad_lines)",
-                  file=sys.stderr)
-        self._file = None
-
-    def _index(self, skip_bad_lines: bool) -> None:
-        offset = 0
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
-                try:
-                    record = _loads(raw)
-                    if self.format == "auto":
-                        self.format = detect_format(record)
-                    parse_record(record, self.format)
-                except ValueError as e:  # includes json.JSONDecodeError and UnicodeDecodeError
-                    if not skip_bad_lines:
-                        raise UserError(f"{self.path}:{lineno}: {e}") from None
-                    self.skipped += 1
-                    continue
-                self._offsets.append(start)
-                self._lengths.append(len(raw))
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __getitem__(self, i: int) -> Example:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"example {i} out of range for {len(self)} examples")
-        if self._file is None:
-            self._file = open(self.path, "rb")
-        raw = os.pread(self._file.fileno(), self._lengths[i], self._offsets[i])
-        return parse_record(_loads(raw), self.format)
-
-    def __getstate__(self) -> dict:  # picklable for worker processes: they reopen the file
-        state = dict(self.__dict__)
-        state["_file"] = None
-        return state
-
-    def __del__(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-
-    def __repr__(self) -> str:
-        return f"JsonlSource({self.path!r}, format={self.format!r}, examples={len(self)})"
-
-
-def _loads(raw: bytes) -> Any:
+def loads(raw: bytes | str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def iter_texts(source: Source, limit: int | None = None) -> Iterator[str]:
-    """The plain-text renderings (chat template, `moejax.tokenizer.render`) of up to `limit` examples,
-    spread evenly over the source so a file sorted by domain still shows every domain."""
-    from moejax.tokenizer import render  # late: moejax.tokenizer imports the data package
+class Validator:
+    """Checks the records of one file as its index is built: detects the format on the first good
+    record (`auto`), then parses each. A bad record stops with one line naming the file and where
+    (`PATH: record 12 (byte 3456): 'conversations' has no assistant turn`), or, with
+    `data.skip_bad_lines`, is counted by reason, so nothing is dropped silently."""
 
-    n = len(source)
-    count = n if limit is None else min(limit, n)
-    for j in range(count):
-        yield render(source[j * n // count])
+    def __init__(self, path: str, fmt: str, skip_bad: bool):
+        check_format(fmt)
+        self.path, self.format, self.skip_bad = path, fmt, skip_bad
+        self.skipped: dict[str, int] = {}  # reason -> count
+        self.first_skipped: dict[str, str] = {}  # reason -> where it was first seen
+
+    def check(self, record: Any, where: str) -> bool:
+        """True when the record is good; False when skipped; UserError otherwise."""
+        try:
+            if self.format == "auto":
+                fmt = detect_format(record)
+                parse_record(record, fmt)
+                self.format = fmt
+            else:
+                parse_record(record, self.format)
+            return True
+        except ValueError as e:
+            return self.bad(str(e), where)
+
+    def bad(self, reason: str, where: str) -> bool:
+        if not self.skip_bad:
+            raise UserError(f"{self.path}: {where}: {reason} (set data.skip_bad_lines=true to skip "
+                            "and count such records)")
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.first_skipped.setdefault(reason, where)
+        return False
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        return "; ".join(f"{n} x {reason} (first at {self.first_skipped.get(reason, '?')})"
+                         for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))

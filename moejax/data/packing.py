@@ -5,25 +5,22 @@ permutation of the source drawn from (seed, epoch); examples fill a row in that 
 one does not fit, which then starts the next row (examples are never split; longer ones are truncated).
 Every consecutive `batch_size` rows form one global batch. Each data shard walks the same stream and
 keeps its own rows, so the iterator state (epoch, cursor) is the same on every shard.
+
+Reading and tokenizing (the costly part: JSON, chat template, tokenizer) run ahead of the packer in
+`workers` background threads (grain's `MapDataset.to_iter_dataset` over the epoch's order, at most
+`prefetch` examples ahead, so memory stays bounded and the first batch waits only for its own
+examples). Packing itself stays here, in order: its whole state is (epoch, cursor), a few integers,
+so resuming is exact however far the workers had read ahead. A conversation the chat template
+refuses is skipped and counted by reason (`skipped`, `skip_reasons`, saved with the position).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from moejax.data.example import Example
+from moejax.data.chat import ChatEncoder, Skip, Tokenized
 from moejax.errors import UserError
-
-Tokenized = tuple[list[int], list[bool]]  # (ids, assistant mask), from BOS to EOS
-
-
-class ChatTokenizer(Protocol):
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode_chat(self, example: Example) -> Tokenized: ...
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -67,8 +64,9 @@ class Packer:
     since row boundaries depend on all of them. `get_state()` / `set_state()` save and restore the
     position: a small JSON-serialisable dict, the same on every shard."""
 
-    def __init__(self, source: Any, tokenizer: ChatTokenizer, seq_len: int, batch_size: int, seed: int,
-                 *, shard_index: int = 0, shard_count: int = 1):
+    def __init__(self, source: Any, tokenizer: Any, seq_len: int, batch_size: int, seed: int,
+                 *, shard_index: int = 0, shard_count: int = 1, workers: int = 0, prefetch: int = 256,
+                 chat_template: str | None = None):
         if len(source) == 0:
             raise UserError("the training data has no examples")
         if batch_size % shard_count:
@@ -79,21 +77,27 @@ class Packer:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.source, self.tokenizer, self.seed = source, tokenizer, seed
+        self.encode = ChatEncoder(tokenizer, chat_template) if tokenizer is not None else None
+        self.workers, self.prefetch = workers, prefetch
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rows_per_shard = batch_size // shard_count
         self.shard_index = shard_index
         self.examples_seen = 0  # examples packed into batches so far (global, all shards)
         self.truncated = 0  # of those, how many lost tokens past seq_len + 1
         self.tokens_per_batch = 0  # non-padding positions of the last global batch (all shards)
+        self.skipped = 0  # examples the chat template refused (counted, never trained on)
+        self.skip_reasons: dict[str, int] = {}
         self._epoch, self._cursor = 0, 0  # the next example not yet in an emitted row
         self._order = epoch_order(len(source), seed, 0)
         self._peeked: Tokenized | None = None  # the example at the cursor, already tokenized
+        self._ahead: Iterator[Tokenized | Skip] | None = None  # the workers' stream from the cursor
 
     # -- state ---------------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, int]:
         return {"epoch": self._epoch, "cursor": self._cursor, "examples_seen": self.examples_seen,
-                "truncated": self.truncated, "seed": self.seed, "num_examples": len(self.source)}
+                "truncated": self.truncated, "seed": self.seed, "num_examples": len(self.source),
+                "skipped": self.skipped, "skip_reasons": dict(self.skip_reasons)}
 
     def set_state(self, state: dict[str, int]) -> None:
         saved = (state["seed"], state["num_examples"])
@@ -103,18 +107,45 @@ class Packer:
                             "resume with the same data and train.seed, or start a new workdir")
         self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
         self.examples_seen, self.truncated = int(state["examples_seen"]), int(state["truncated"])
+        self.skipped = int(state.get("skipped", 0))  # absent in checkpoints of older runs
+        self.skip_reasons = {str(k): int(v) for k, v in state.get("skip_reasons", {}).items()}
         self._order = epoch_order(len(self.source), self.seed, self._epoch)
-        self._peeked = None
+        self._peeked, self._ahead = None, None
 
     # -- the stream ----------------------------------------------------------------------------
 
+    def _stream(self) -> Iterator[Tokenized | Skip]:
+        """The tokenized examples of this epoch from the cursor on, read ahead by the workers."""
+        order, source, encode = self._order, self.source, self.encode  # this epoch's, for the workers
+
+        def encoded(position: int) -> Tokenized | Skip:
+            return encode(source[int(order[position])])
+
+        if not self.workers:
+            return (encoded(p) for p in range(self._cursor, len(self.source)))
+        import grain
+
+        ds = grain.MapDataset.range(self._cursor, len(self.source)).map(encoded)
+        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=self.workers,
+                                                         prefetch_buffer_size=self.prefetch)))
+
     def _peek(self) -> Tokenized:
-        if self._peeked is None:
-            ids, mask = self.tokenizer.encode_chat(self.source[int(self._order[self._cursor])])
-            if len(ids) != len(mask) or len(ids) < 2:
-                raise ValueError(f"encode_chat returned {len(ids)} ids and {len(mask)} mask values; "
-                                 "expected equal lengths of at least 2 (BOS ... EOS)")
-            self._peeked = (list(ids), list(mask))
+        """The next example to pack; refused ones are counted and stepped over."""
+        refused_in_a_row = 0
+        while self._peeked is None:
+            if self._ahead is None:
+                self._ahead = self._stream()
+            item = next(self._ahead)
+            if isinstance(item, Skip):
+                self.skipped += 1
+                self.skip_reasons[item.reason] = self.skip_reasons.get(item.reason, 0) + 1
+                self._advance()
+                refused_in_a_row += 1
+                # 2n - 1 positions in a row hold one whole epoch: none of its examples is usable.
+                if refused_in_a_row >= 2 * len(self.source) - 1:
+                    raise UserError(f"the chat template refuses every example: {self.skip_reasons}")
+                continue
+            self._peeked = item
         return self._peeked
 
     def _advance(self) -> None:
@@ -123,6 +154,7 @@ class Packer:
         if self._cursor == len(self.source):
             self._epoch, self._cursor = self._epoch + 1, 0
             self._order = epoch_order(len(self.source), self.seed, self._epoch)
+            self._ahead = None
 
     def _next_row(self) -> list[Tokenized]:
         """Take examples for one row; the first one that does not fit stays at the cursor."""
