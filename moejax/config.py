@@ -163,8 +163,11 @@ class DataConfig:
     source: str = _f("tfds:moejax_tasks", "Where examples come from: tfds:NAME or jsonl:PATH.")
     seq_len: int = _f(256, "Tokens per packed training sequence.", min=2)
     format: str = _f("auto", "Record format of jsonl sources (auto = inferred from the first line).")
-    tokenizer: str = _f("", "SentencePiece model file; empty = train one from the data into "
-                        "WORKDIR/tokenizer.model on first use.")
+    tokenizer: str = _f("", "Tokenizer: a Hugging Face tokenizer directory (tokenizer.json / tokenizer.model "
+                        "+ tokenizer_config.json), a SentencePiece .model file, or a moejax-trained model; "
+                        "empty = train one from the data into WORKDIR/tokenizer.model on first use.")
+    chat_template: str = _f("", "Chat template override: a Jinja file or a built-in name (moejax, chatml); "
+                            "empty = the tokenizer's own.")
     skip_bad_lines: bool = _f(False, "Skip (and count) malformed jsonl lines instead of stopping.")
     tfds_dir: str = _f("", "TFDS data dir; empty = $TFDS_DATA_DIR or ~/tensorflow_datasets.")
     eval_split: str = _f("validation", "Split used for validation loss and exact-match accuracy.")

@@ -63,11 +63,11 @@ def exact_match(model: nnx.Module, tokenizer, questions: Iterable[Example], max_
         prompt, answer = ex.split_answer()
         prompts.append(tokenizer.encode_prompt(prompt))
         answers.append(answer)
-    outs = generate(model, prompts, max_new=max_new, stop_ids=[tokenizer.end_id, tokenizer.eos_id],
+    outs = generate(model, prompts, max_new=max_new, stop_ids=list(tokenizer.stop_ids),
                     pad_id=tokenizer.pad_id)
     hits: dict[str, list[bool]] = defaultdict(list)
     for ex, out, answer in zip(questions, outs, answers):
-        ids = [t for t in out if t not in (tokenizer.end_id, tokenizer.eos_id)]
+        ids = [t for t in out if t not in tokenizer.stop_ids]
         hits[ex.domain or "all"].append(normalise(tokenizer.decode(ids)) == normalise(answer))
     result: dict[str, Any] = {"eval_exact_match": float(np.mean([h for v in hits.values() for h in v]))}
     for domain, v in sorted(hits.items()):

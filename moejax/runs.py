@@ -54,14 +54,33 @@ def load_model(workdir: str, step: int | None = None) -> tuple[Config, Transform
 
 
 def tokenizer_path(cfg: Config, workdir: str) -> str:
-    """Where a run's tokenizer is: `data.tokenizer`, else the one trained into the run directory."""
-    return cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    """Where a run's tokenizer is: `data.tokenizer` (relative paths are relative to the run directory
+    when they exist there: import-hf writes `tokenizer`), else the one trained into the run directory."""
+    if not cfg.data.tokenizer:
+        return os.path.join(workdir, "tokenizer.model")
+    inside = os.path.join(workdir, cfg.data.tokenizer)
+    if not os.path.isabs(cfg.data.tokenizer) and not os.path.exists(cfg.data.tokenizer) and os.path.exists(inside):
+        return inside
+    return cfg.data.tokenizer
+
+
+def check_vocab(tok, cfg: Config, path: str) -> None:
+    """Every tokenizer id must have an embedding row (a larger, padded embedding is fine)."""
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"tokenizer {path!r} has ids up to {tok.vocab_size - 1} but model.vocab_size is "
+                        f"{cfg.model.vocab_size}: every token id needs an embedding row; raise "
+                        "model.vocab_size or use the checkpoint's own tokenizer")
 
 
 def load_tokenizer(cfg: Config, workdir: str):
-    from moejax.tokenizer import Tokenizer
+    """The run's tokenizer (`moejax.tokenizer.load`) with `data.chat_template` applied, checked
+    against model.vocab_size."""
+    from moejax.tokenizer import load
 
-    return Tokenizer.load(tokenizer_path(cfg, workdir))
+    path = tokenizer_path(cfg, workdir)
+    tok = load(path, cfg.data.chat_template or None)
+    check_vocab(tok, cfg, path)
+    return tok
 
 
 def restore_model(workdir: str) -> tuple[Config, Transformer, Any]:

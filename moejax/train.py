@@ -165,8 +165,9 @@ def prepare_workdir(cfg: Config) -> str:
 
 
 def load_tokenizer(cfg: Config, workdir: str, train_source):
-    from moejax.data.formats import iter_texts
-    from moejax.tokenizer import Tokenizer, train_tokenizer
+    from moejax.runs import load_tokenizer as load_run_tokenizer
+    from moejax.tokenizer import train_tokenizer
+    from moejax.tokenizer.__main__ import training_texts
 
     path = tokenizer_path(cfg, workdir)
     if not os.path.exists(path):
@@ -174,12 +175,8 @@ def load_tokenizer(cfg: Config, workdir: str, train_source):
             raise UserError(f"data.tokenizer {path!r} does not exist")
         say(f"training a {cfg.model.vocab_size}-token SentencePiece tokenizer on {cfg.data.source} "
               f"-> {path}")
-        train_tokenizer(iter_texts(train_source, limit=20000), cfg.model.vocab_size, path)
-    tok = Tokenizer.load(path)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"tokenizer {path!r} has {tok.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; raise model.vocab_size or use another tokenizer")
-    return tok
+        train_tokenizer(training_texts(train_source, limit=20000), cfg.model.vocab_size, path)
+    return load_run_tokenizer(cfg, workdir)
 
 
 def _prepare_data(cfg: Config, workdir: str):

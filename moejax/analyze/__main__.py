@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--out {args.out!r} exists and is not a directory")
     from moejax import config as config_lib
     from moejax.analyze import collect, plots, report, stats  # heavy imports after argument checks
-    from moejax.tokenizer import Tokenizer
+    from moejax.runs import load_tokenizer
 
     t0 = time.perf_counter()
     # The cheap checks (run directory, checkpoint, data sources) before restoring the model.
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.model.moe.num_experts:
         raise UserError(f"the model in {args.workdir!r} has no MoE layer (model.moe.num_experts = 0): "
                         "there is no routing to analyse")
-    tok = Tokenizer.load(cfg.data.tokenizer or os.path.join(args.workdir, "tokenizer.model"))
+    tok = load_tokenizer(cfg, args.workdir)
     count = lambda ex: min(len(tok.encode_chat(ex)[0]) - 1, cfg.data.seq_len)  # noqa: E731
     domains = collect.read_domains(args.data or [collect.RUN_DATA], cfg.data, args.max_tokens, count)
     domains = [(d, exs) for d, exs in domains if exs]

@@ -14,6 +14,10 @@ class Example:
     turns: tuple[tuple[str, str], ...]
     domain: str = ""
 
+    def messages(self) -> list[dict[str, str]]:
+        """The turns as transformers-style messages: [{"role": ..., "content": ...}]."""
+        return [{"role": role, "content": text} for role, text in self.turns]
+
     def split_answer(self) -> tuple["Example", str]:
         """The conversation up to its last assistant turn, and that turn's text (for exact match)."""
         if not self.turns or self.turns[-1][0] != "assistant":

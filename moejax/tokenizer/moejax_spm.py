@@ -11,7 +11,6 @@ never split. Literal marker text inside the data ("<|end|>") also maps to that i
 """
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import os
@@ -22,8 +21,11 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from moejax.data.example import ROLES, Example
-from moejax.errors import UserError, run_cli
+from moejax.errors import UserError
+from moejax.tokenizer import chat_template as ct
+from moejax.tokenizer.base import ChatTokenizer
+
+ROLES = ("system", "user", "assistant")
 
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 END = "<|end|>"
@@ -34,9 +36,16 @@ MAX_SENTENCES = 100_000  # lines fed to the trainer: a few seconds on 2 CPU core
 _SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
-def render(example: Example) -> str:
+def _turns(messages) -> list[tuple[str, str]]:
+    """(role, text) pairs of an Example (its `turns`) or of transformers-style messages."""
+    if hasattr(messages, "turns"):
+        return list(messages.turns)
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def render(example) -> str:
     """The conversation as plain text in the chat template, without BOS/EOS (tokenizer training)."""
-    return "".join(f"{ROLE_TOKENS[role]}\n{text}{END}\n" for role, text in example.turns)
+    return "".join(f"{ROLE_TOKENS[role]}\n{text}{END}\n" for role, text in _turns(example))
 
 
 def _sentences(texts: Iterable[str], limit: int) -> list[str]:
@@ -121,8 +130,8 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-class Tokenizer:
-    """A trained SentencePiece model plus the chat template.
+class Tokenizer(ChatTokenizer):
+    """A trained SentencePiece model plus the chat template (built-in `moejax`).
 
     `decode` drops pad/BOS/EOS, spells byte pieces as their bytes, and keeps role markers and
     `<|end|>` as their text (they are user-defined symbols), so decode(encode_chat(ex)[0]) == render(ex).
@@ -140,6 +149,10 @@ class Tokenizer:
         self.role_ids = {role: ids[tok] for role, tok in ROLE_TOKENS.items()}
         self.end_id = ids[END]
         self._newline = sp.encode("\n")
+        self.chat_template = ct.MOEJAX_TEMPLATE
+        self.special_tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+                               "unk_token": "<unk>"}
+        self.stop_ids = (self.end_id, self.eos_id)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -169,79 +182,82 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self.sp.eos_id()
 
-    def encode(self, text: str) -> list[int]:
-        """Plain text to ids, no BOS/EOS."""
-        return self.sp.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text to ids; BOS/EOS around it with add_special_tokens."""
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            return self.sp.decode(ids)
+        # Control pieces (pad/bos/eos) spelt out, as transformers does with skip_special_tokens=False.
+        out, run = [], []
+        for i in ids:
+            if self.sp.is_control(i):
+                out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.sp.decode(run)])
 
-    def render(self, example: Example) -> str:
+    def id_to_token(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # Special strings (<s>, </s>) written by a custom template become their ids, as in transformers.
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        specials = {"<s>": self.bos_id, "</s>": self.eos_id}
+        pos = 0
+        for part in re.split("(<s>|</s>)", text):
+            if part in specials:
+                ids.append(specials[part])
+                offsets.append((pos, pos + len(part)))
+            elif part:
+                proto = self.sp.encode_as_immutable_proto(part)
+                raw = part.encode("utf-8")
+                for piece in proto.pieces:  # begin/end are byte offsets into `part`
+                    ids.append(piece.id)
+                    offsets.append((pos + len(raw[:piece.begin].decode("utf-8", "ignore")),
+                                    pos + len(raw[:piece.end].decode("utf-8", "ignore"))))
+            pos += len(part)
+        return ids, offsets
+
+    def render(self, example) -> str:
         return render(example)
 
     def _turn(self, role: str, text: str) -> tuple[list[int], list[int], list[int]]:
         """A turn as (header ids, body ids, trailer ids): `<|role|>\\n`, `text<|end|>`, `\\n`."""
         return [self.role_ids[role], *self._newline], [*self.encode(text), self.end_id], self._newline
 
-    def encode_chat(self, example: Example) -> tuple[list[int], list[bool]]:
-        """Ids of the rendered conversation and its loss mask: True on each assistant turn's text and
-        its `<|end|>` (so the model learns to stop) and on the final EOS; False elsewhere."""
-        ids, mask = [self.bos_id], [False]
-        for role, text in example.turns:
+    def encode_chat(self, example, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+        """Ids of the rendered conversation and its loss mask: 1 on each assistant turn's text and
+        its `<|end|>` (so the model learns to stop) and on the final EOS; 0 elsewhere. Another
+        `chat_template` goes through the generic (transformers-style) path."""
+        if chat_template not in (None, "moejax"):
+            return super().encode_chat(example, chat_template)
+        if not any(role == "assistant" for role, _ in _turns(example)):
+            raise ct.ChatTemplateError("the conversation has no assistant turn to train on",
+                                       "no_assistant_turn")
+        ids, mask = [self.bos_id], [0]
+        for role, text in _turns(example):
             header, body, trailer = self._turn(role, text)
-            trained = role == "assistant"
+            trained = int(role == "assistant")
             ids += header + body + trailer
-            mask += [False] * len(header) + [trained] * len(body) + [False] * len(trailer)
+            mask += [0] * len(header) + [trained] * len(body) + [0] * len(trailer)
         ids.append(self.eos_id)
-        mask.append(True)
+        mask.append(1)
         return ids, mask
 
-    def encode_prompt(self, example: Example) -> list[int]:
-        """The rendered `example.turns` followed by `<|assistant|>\\n`: what generation continues."""
+    def encode_prompt(self, example, chat_template: str | None = None) -> list[int]:
+        """The rendered turns followed by `<|assistant|>\\n`: what generation continues."""
+        if chat_template not in (None, "moejax"):
+            return super().encode_prompt(example, chat_template)
         ids = [self.bos_id]
-        for role, text in example.turns:
+        for role, text in _turns(example):
             header, body, trailer = self._turn(role, text)
             ids += header + body + trailer
         return ids + [self.role_ids["assistant"], *self._newline]
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def train_from_config(cfg, out: str | None = None, limit: int | None = 20_000) -> tuple[Tokenizer, str]:
-    """Train on up to `limit` examples of cfg.data.source's train split with cfg.model.vocab_size;
-    write to `out`, else cfg.data.tokenizer, else WORKDIR/tokenizer.model."""
-    from moejax import data  # late: the data package may import this module
-    from moejax.data.formats import iter_texts
-
-    path = out or cfg.data.tokenizer or os.path.join(cfg.train.workdir, "tokenizer.model")
-    source = data.open_source(cfg.data.source, "train", cfg.data)
-    tok = train_tokenizer(iter_texts(source, limit), cfg.model.vocab_size, path)
-    return tok, path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from moejax import config
-
-    parser = argparse.ArgumentParser(prog="python -m moejax.tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="Train a tokenizer on the config's training data.")
-    train.add_argument("--config", default=None, help="YAML config (default: built-in defaults).")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="Override a config value, e.g. --set model.vocab_size=8192 (repeatable).")
-    train.add_argument("--out", default=None,
-                       help="Model file to write (default: data.tokenizer, else WORKDIR/tokenizer.model).")
-    train.add_argument("--limit", type=int, default=20_000,
-                       help="Examples to train on, spread over the source (default: 20000).")
-    args = parser.parse_args(argv)
-    if args.limit < 1:
-        raise UserError(f"--limit = {args.limit} is out of range: must be >= 1")
-    cfg = config.load(args.config, args.set)
-    tok, path = train_from_config(cfg, args.out, args.limit)
-    print(f"wrote {path} (vocab_size {tok.vocab_size}, requested {cfg.model.vocab_size})")
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)
