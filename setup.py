@@ -25,6 +25,9 @@ setup(
         "safetensors>=0.4.5",  # Hugging Face checkpoints through its numpy API (bf16 via ml_dtypes), no torch
         "ml_dtypes",  # bfloat16 for numpy (a jax dependency; imported directly by moejax.interop)
         "matplotlib>=3.7",  # moejax.analyze: routing plots (Agg backend, no display)
+        "tokenizers>=0.20",  # checkpoints' own tokenizer.json files, run as transformers' fast tokenizers run them
+        "jinja2>=3.1.6",  # chat templates rendered as transformers does (sandboxed; 3.1.6 fixes sandbox escapes)
+        "pyarrow>=14",  # parquet data sources (row groups read lazily), as Hugging Face datasets ship them
     ],
     extras_require={
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # notebooks run in tests

@@ -1,8 +1,9 @@
 """`python -m moejax.convert COMMAND ...`: checkpoint conversions.
 
-  import-hf HF_DIR WORKDIR [--config CFG] [--set key=value ...] [--tokenizer SPM]
+  import-hf HF_DIR WORKDIR [--config CFG] [--set key=value ...] [--tokenizer PATH]
       a Hugging Face checkpoint directory -> a moejax run directory (config.yaml + an orbax checkpoint
-      at step 0) that `python -m moejax.train --config WORKDIR/config.yaml` resumes (fine-tunes)
+      at step 0) that `python -m moejax.train --config WORKDIR/config.yaml` resumes (fine-tunes); the
+      checkpoint's tokenizer files are copied to WORKDIR/tokenizer and data.tokenizer points there
   export-hf WORKDIR OUT_DIR [--model-type T] [--dtype D] [--max-shard-size S] [--step N]
       a moejax run directory's latest (or given) checkpoint -> a Hugging Face checkpoint directory
 
@@ -92,7 +93,21 @@ def load_run(workdir: str, step: int | None = None) -> tuple[nnx.Module, Config]
 
 
 def _tokenizer_path(cfg: Config, workdir: str) -> str:
-    return cfg.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+    from moejax.runs import tokenizer_path
+
+    return tokenizer_path(cfg, workdir)
+
+
+def _copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+    from moejax.tokenizer.hf import TOKENIZER_FILES
+
+    os.makedirs(dst_dir, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src_dir, name)):
+            shutil.copyfile(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +121,8 @@ def _import_args(p: argparse.ArgumentParser) -> None:
                    "section is replaced by the checkpoint's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key after the mapping (repeatable), e.g. model.moe.dispatch=dense")
-    p.add_argument("--tokenizer", help="a moejax SentencePiece tokenizer (python -m moejax.tokenizer) to "
-                   "copy to WORKDIR/tokenizer.model; its ids must be the checkpoint's")
+    p.add_argument("--tokenizer", help="a tokenizer (Hugging Face directory or SentencePiece .model) to "
+                   "use instead of the checkpoint's own tokenizer files; its ids must be the checkpoint's")
 
 
 @command("import-hf", "Hugging Face checkpoint directory -> moejax run directory", _import_args)
@@ -120,24 +135,33 @@ def import_hf(args: argparse.Namespace) -> int:
         with open(args.config, encoding="utf-8") as f:
             base = yaml.safe_load(f) or {}
         base.pop("model", None)
-    from moejax.tokenizer import Tokenizer
+    from moejax import tokenizer as tokenizer_lib
+    from moejax.runs import check_vocab
 
     model, cfg = hf.from_pretrained(args.hf_dir, args.set, base=base)
-    if args.tokenizer:  # checked before anything is written
-        tok = Tokenizer.load(args.tokenizer)
-        if tok.vocab_size > cfg.model.vocab_size:
-            raise UserError(f"--tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens but the "
-                            f"checkpoint's vocabulary has {cfg.model.vocab_size}")
+    # The tokenizer: --tokenizer, else the checkpoint's own files (checked before anything is written).
+    source = args.tokenizer
+    if source is None and any(os.path.isfile(os.path.join(args.hf_dir, f))
+                              for f in ("tokenizer.json", "tokenizer.model")):
+        source = args.hf_dir
+    if source is not None:
+        check_vocab(tokenizer_lib.load(source, cfg.data.chat_template or None), cfg, source)
+        target = os.path.abspath(os.path.join(args.workdir, "tokenizer" if os.path.isdir(source)
+                                              else "tokenizer.model"))
+        cfg = config_lib.from_dict({**config_lib.to_dict(cfg),
+                                    "data": {**config_lib.to_dict(cfg.data), "tokenizer": target}})
     cfg = save_run(model, cfg, args.workdir)
-    if args.tokenizer:
-        shutil.copyfile(args.tokenizer, _tokenizer_path(cfg, args.workdir))
+    if source is not None and os.path.isdir(source):
+        _copy_tokenizer_files(source, target)
+    elif source is not None:
+        shutil.copyfile(source, target)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     print(f"imported {args.hf_dir} ({n / 1e6:.2f}M parameters) -> {args.workdir}; fine-tune with: "
           f"python -m moejax.train --config {os.path.join(args.workdir, 'config.yaml')}")
-    if not os.path.isfile(_tokenizer_path(cfg, args.workdir)):
-        print("note: no --tokenizer: training and restore_model need a moejax SentencePiece tokenizer "
-              "whose ids are this checkpoint's (Hugging Face tokenizer files are not read); without one, "
-              "training would make a new tokenizer that does not match the embeddings", file=sys.stderr)
+    if source is None:
+        print(f"note: {args.hf_dir} has no tokenizer.json or tokenizer.model and no --tokenizer was "
+              "given: set data.tokenizer to the checkpoint's tokenizer; training would otherwise make a "
+              "new tokenizer that does not match the embeddings", file=sys.stderr)
     return 0
 
 
@@ -158,19 +182,23 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def export_hf(args: argparse.Namespace) -> int:
     from moejax.interop import hf
 
-    import sentencepiece as spm
-
     model, cfg = load_run(args.workdir, args.step)
-    tokenizer = _tokenizer_path(cfg, args.workdir)
+    path = _tokenizer_path(cfg, args.workdir)
+    tok = None
+    if os.path.exists(path):
+        from moejax.runs import load_tokenizer
+
+        tok = load_tokenizer(cfg, args.workdir)
     ids = {}
-    if os.path.isfile(tokenizer):
-        sp = spm.SentencePieceProcessor(model_file=tokenizer)
-        ids = {f"{k}_token_id": i for k, i in (("bos", sp.bos_id()), ("eos", sp.eos_id()),
-                                                ("pad", sp.pad_id())) if i >= 0}
+    if tok is not None:
+        ids = {f"{k}_token_id": i for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id))
+               if i is not None and i >= 0}
     model_type = hf.to_pretrained(model, cfg, args.out_dir, model_type=args.model_type, dtype=args.dtype,
                                   max_shard_size=args.max_shard_size, extra=ids)
-    if ids:
-        shutil.copyfile(tokenizer, os.path.join(args.out_dir, "tokenizer.model"))
+    if tok is not None:
+        from moejax.tokenizer.export import write_tokenizer
+
+        write_tokenizer(tok, args.out_dir)
     print(f"exported {args.workdir} -> {args.out_dir} ({model_type}, {args.dtype})")
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from moejax.errors import UserError
 from moejax.tokenizer.base import ChatTokenizer
 
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # End-of-turn markers of the stock chat templates (Llama-3 <|eot_id|>/<|eom_id|>, ChatML <|im_end|>,
 # Gemma <end_of_turn>, Phi-3 <|end|>): generation stops at them and masks end after them.
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
@@ -83,8 +83,13 @@ class HFTokenizer(ChatTokenizer):
                                    normalized=tok.get("normalized", not tok.get("special", False)),
                                    special=tok.get("special", False))
                 (tk.add_special_tokens if tok.get("special", False) else tk.add_tokens)([added])
-        self.special_tokens = {k: _content(config.get(k)) for k in SPECIAL_KEYS}
+        from moejax.tokenizer.hf_classes import DEFAULTS, class_name
+
+        defaults = DEFAULTS.get(class_name(config), {})
+        self.special_tokens = {k: _content(config[k] if k in config else defaults.get(k)) for k in SPECIAL_KEYS}
         self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
+        missing = [v for v in self.special_tokens.values() if tk.token_to_id(v) is None]
+        tk.add_special_tokens([AddedToken(v, normalized=False, special=True) for v in dict.fromkeys(missing)])
         ids = {k: tk.token_to_id(v) for k, v in self.special_tokens.items()}
         self.bos_id = ids.get("bos_token")
         self.eos_id = ids.get("eos_token")
@@ -95,7 +100,11 @@ class HFTokenizer(ChatTokenizer):
         eos_cfg = (generation_config or {}).get("eos_token_id")
         stops += eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if isinstance(i, int)))
-        self._clean = bool(config.get("clean_up_tokenization_spaces", False))
+        # transformers 5 ignores clean_up_tokenization_spaces for BPE models (it would strip spaces
+        # before punctuation) unless forced.
+        is_bpe = type(tk.model).__name__ == "BPE"
+        self._clean = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            not is_bpe or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
 
     @classmethod
     def from_directory(cls, directory: str) -> "HFTokenizer":
@@ -111,6 +120,9 @@ class HFTokenizer(ChatTokenizer):
                 tk = Tokenizer.from_file(tj)
             except Exception as e:  # the tokenizers library raises a bare Exception on a bad file
                 raise UserError(f"{tj}: not a tokenizers file ({e})") from None
+            from moejax.tokenizer.hf_classes import rebuild
+
+            rebuild(tk, tj, config)
         else:
             from moejax.tokenizer.sentencepiece_convert import convert
 
@@ -121,7 +133,8 @@ class HFTokenizer(ChatTokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
+        """Largest id + 1 (added tokens included): the embedding rows the ids need, len(tokenizer)."""
+        return max(self.tk.get_vocab(with_added_tokens=True).values()) + 1
 
     def id_to_token(self, i: int) -> str | None:
         return self.tk.id_to_token(i)
@@ -137,6 +150,7 @@ class HFTokenizer(ChatTokenizer):
         return enc.ids, enc.offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # As transformers 5: skipping drops every added token flagged special (tokenizers' own rule).
         text = self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self._clean else text
 

@@ -49,6 +49,16 @@ def convert(path: str, config: dict):
              for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i) or i in user]
     tk.add_special_tokens([a for a in added if a.special])
     tk.add_tokens([a for a in added if not a.special])
+    # add_bos_token (default true) / add_eos_token (default false) as LlamaTokenizer's post-processor.
+    from tokenizers import processors
+    bos = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
+    eos = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
+    add_bos = config.get("add_bos_token", True) and bos is not None
+    add_eos = config.get("add_eos_token", False) and eos is not None
+    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+    pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+    specials = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
         if key not in config and default in vocab:
             config[key] = default
