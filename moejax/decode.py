@@ -124,7 +124,7 @@ def _decode_cached(graphdef, params, caches, first_logits_bv, lengths_b, stop_id
         return i + 1, out, logits_b1v[:, 0], lengths + n_new, done, caches, rng
 
     init = (0, out, first_logits_bv, lengths_b, jnp.zeros((b,), bool), caches, rng)
-    i, out, _, _, done, _, _ = jax.lax.while_loop(lambda c: (c[0] < max_new) & ~jnp.all(c[4]), step, init)
+    _, out, _, _, _, _, _ = jax.lax.while_loop(lambda c: (c[0] < max_new) & ~jnp.all(c[4]), step, init)
     return out
 
 

@@ -19,7 +19,7 @@ from moejax import parallel
 from moejax.data.example import Example
 from moejax.data.packing import Packer
 from moejax.decode import generate
-from moejax.errors import UserError, run_cli
+from moejax.errors import run_cli
 
 EVAL_BATCHES = 4
 
