@@ -33,5 +33,6 @@ setup(
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # notebooks run in tests
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
+        "eval": ["lm_eval>=0.4,<0.5"],  # python -m moejax.evaluate --lm-eval-tasks: the standard harness
     },
 )

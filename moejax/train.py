@@ -28,13 +28,12 @@ from moejax.config import Config
 from moejax.data import open_source
 from moejax.data.pipeline import make_packer
 from moejax.errors import UserError, run_cli
-from moejax.evaluate import exact_match, held_out_questions
+from moejax.evaluate import exact_match, held_out_questions, validation_batches, validation_loss
+from moejax.losses import lm_loss_sum, make_eval_step  # noqa: F401 (lm_loss_sum: train.lm_loss_sum users)
 from moejax.metrics import MetricsWriter
 from moejax.model import routing
 from moejax.optim import make_optimizer, schedule
 from moejax.runs import build_model, tokenizer_path
-
-EVAL_BATCHES = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,70 +62,6 @@ def create_sharded_state(cfg: Config, mesh, optimizer: optax.GradientTransformat
               "nonfinite_step": replicated}
     state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=out_sh)(params)
     return graphdef, state
-
-
-def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """Sum over masked positions of the next-token cross-entropy (float32).
-
-    The same arithmetic as `-take_along_axis(log_softmax(logits), targets)` (the value is bitwise
-    the same), with a hand-written backward, `(softmax - onehot) * mask * g`, recomputed from the
-    logits and the per-row max and log-sum-exp, both passes in chunks of positions (a loop over
-    the sequence axis, which no mesh axis splits, so the batch stays sharded). Autodiff of
-    log_softmax + take_along_axis keeps the [B, T, V] log-probabilities for the backward pass and
-    builds two more [B, T, V] buffers in it (the scattered target gradient, the softmax); this keeps
-    none but the logits' gradient itself, and each pass over a chunk stays in cache
-    (docs/benchmarks.md)."""
-    b, t, v = logits_btv.shape
-    c = int(np.gcd(t, max(8, 128 // max(b, 1))))  # positions per chunk: b * c ~ 128 rows of V
-    c = c if c >= 4 else t
-    k = t // c
-
-    def stats(x_btv, t_bt):  # row max, log-sum-exp of the shifted row, shifted target logit
-        max_bt1 = jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
-        shifted = x_btv - max_bt1
-        lse_bt1 = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-        return max_bt1, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
-
-    def chunk(x, i):
-        return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
-
-    def forward(x_btv, t_bt):
-        def body(i, acc):
-            parts = stats(chunk(x_btv, i), chunk(t_bt, i))
-            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, parts))
-
-        init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32),
-                jnp.zeros((b, t), jnp.float32))
-        return jax.lax.fori_loop(0, k, body, init) if k > 1 else stats(x_btv, t_bt)
-
-    @jax.custom_vjp
-    def ce_sum(x_btv, t_bt, m_bt):
-        _, lse, tgt = forward(x_btv, t_bt)
-        return jnp.sum(-(tgt - lse[..., 0]) * m_bt)
-
-    def fwd(x_btv, t_bt, m_bt):
-        mx, lse, tgt = forward(x_btv, t_bt)
-        nll_bt = -(tgt - lse[..., 0])
-        return jnp.sum(nll_bt * m_bt), (x_btv, mx, lse, t_bt, m_bt, nll_bt)
-
-    def bwd(res, g):
-        x_btv, mx, lse, t_bt, m_bt, nll_bt = res
-        scale_bt = m_bt * g
-
-        def grad(x, max_1, lse_1, tg, sc):
-            onehot = jnp.arange(v, dtype=tg.dtype) == tg[..., None]
-            return jnp.exp((x - max_1) - lse_1) * sc[..., None] - jnp.where(onehot, sc[..., None], 0.0)
-
-        if k == 1:
-            dx = grad(x_btv, mx, lse, t_bt, scale_bt)
-        else:
-            dx = jax.lax.fori_loop(0, k, lambda i, dx: jax.lax.dynamic_update_slice_in_dim(
-                dx, grad(*(chunk(a, i) for a in (x_btv, mx, lse, t_bt, scale_bt))), i * c, axis=1),
-                jnp.zeros_like(x_btv))
-        return dx, None, nll_bt * g
-
-    ce_sum.defvjp(fwd, bwd)
-    return ce_sum(logits_btv.astype(jnp.float32), targets_bt, mask_bt.astype(jnp.float32))
 
 
 def _forward(graphdef, params, batch, rng=None):
@@ -204,15 +139,6 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         return new_state, metrics
 
     return step
-
-
-def make_eval_step(graphdef) -> Callable:
-    @jax.jit
-    def eval_step(params, batch):
-        logits, _ = _forward(graphdef, params, batch)
-        return lm_loss_sum(logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
-
-    return eval_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +241,7 @@ def train(cfg: Config) -> dict[str, Any]:
     train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)
     packer = make_packer(cfg, train_src, tokenizer, shard_index=jax.process_index(),
                          shard_count=jax.process_count())
-    eval_packer = make_packer(cfg, eval_src, tokenizer, shard_index=jax.process_index(),
-                              shard_count=jax.process_count(), workers=0)
-    eval_batches = [next(eval_packer) for _ in range(EVAL_BATCHES)]
+    eval_batches = validation_batches(cfg, eval_src, tokenizer)
     questions = held_out_questions(eval_src, cfg.data.eval_questions)
 
     optimizer = make_optimizer(tc)
@@ -344,8 +268,7 @@ def train(cfg: Config) -> dict[str, Any]:
     peak = flops_lib.peak_tflops(override=tc.peak_tflops)
 
     def evaluate(params) -> dict[str, float]:
-        sums = [jax.device_get(eval_step(params, parallel.put_batch(b, mesh))) for b in eval_batches]
-        out = {"eval_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
+        out = {"eval_loss": validation_loss(eval_step, params, eval_batches, mesh)}
         # Greedy decoding reads whole arrays on one host; across processes only the loss is measured.
         if jax.process_count() == 1:
             from moejax.analyze import routing_metrics

@@ -28,3 +28,7 @@ def rng():
 
 def numpy_state(module: nnx.Module) -> dict:
     return jax.tree.map(np.asarray, nnx.state(module, nnx.Param).to_pure_dict())
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a longer test (still runs in CI)")
