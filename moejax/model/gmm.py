@@ -49,6 +49,9 @@ class GroupedFfn:
     backends: frozenset[str]
     description: str
 
+    def __post_init__(self):
+        object.__setattr__(self, "__doc__", self.fn.__doc__)  # help() and the config reference
+
     def __call__(self, x_nd, experts, group_sizes_g, tile: int = 256, *, tiling=None, group_offset=None):
         return self.fn(x_nd, experts, group_sizes_g, tile, tiling=tiling, group_offset=group_offset)
 
