@@ -1,16 +1,19 @@
 """Alternatives to the tiled grouped expert FFN that were tried and not kept, timed against it.
 
-    python benchmarks/grouped_ffn_variants.py [--rows 4096] [--repeats 10]
+    python benchmarks/grouped_ffn_variants.py [--rows 4096] [--repeats 10] [--fill 1.0] [--rounds 1]
 
 Forward + backward (`value_and_grad` w.r.t. the rows and the expert weights) of the grouped SwiGLU
 over `--rows` expert-sorted rows (E = 8, d_model 256, width 512, float32, random routing: the
 dropless MoE layer of the peer comparison), median and min of `--repeats` calls after a compile call.
+`--fill f` routes only f * rows of them (the rest is the padding of a fixed-size buffer, as the
+expert-parallel receive buffer). `--rounds` repeats the whole table, variants interleaved per round.
 Variants, each at tile 256 and 128:
-  tiled        moejax.model.dispatch.grouped_ffn_tiled (the code in use)
-  tiled_fused  the same with the gate and up projections as one [D, 2F] matmul
+  tiled        moejax.model.gmm.grouped_ffn_tiled (in use: a loop over only the used tiles, custom VJP)
+  tiled_static moejax.model.gmm.grouped_ffn_tiled_static (lax.map over the worst-case tile count)
+  tiled_fused  tiled_static with the gate and up projections as one [D, 2F] matmul
   loop_fused   a fori_loop over only the tiles the routing uses (a traced trip count), fused
                gate/up, and a hand-written backward accumulating the weight gradients in place
-"max err" is against `tiled` at tile 256.
+"max err" is against the first variant at tile 256.
 """
 import argparse
 import time
@@ -19,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.model import dispatch
-from moejax.model.dispatch import ExpertWeights, tile_layout
+from moejax.model import gmm
+from moejax.model.gmm import ExpertWeights, tile_layout
 
 
 def tiled_fused(x_nd, experts, group_sizes_e, tile):
@@ -77,24 +80,34 @@ def loop_fused(x_nd, experts, group_sizes_e, tile):
     return y.at[dest].get(mode="fill", fill_value=0, unique_indices=True)
 
 
-VARIANTS = {"tiled": dispatch.grouped_ffn_tiled, "tiled_fused": tiled_fused, "loop_fused": loop_fused}
+VARIANTS = {"tiled": gmm.grouped_ffn_tiled, "tiled_static": gmm.grouped_ffn_tiled_static,
+            "tiled_fused": tiled_fused, "loop_fused": loop_fused}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--fill", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     e, d, f = 8, 256, 512
     w = ExpertWeights(*(jnp.asarray(rng.normal(size=s) * 0.05, jnp.float32) for s in [(e, d, f), (e, d, f), (e, f, d)]))
     x = jnp.asarray(rng.normal(size=(a.rows, d)), jnp.float32)
-    gs = jnp.asarray(np.bincount(rng.integers(0, e, a.rows), minlength=e), jnp.int32)
+    gs = jnp.asarray(np.bincount(rng.integers(0, e, int(a.rows * a.fill)), minlength=e), jnp.int32)
     ref = None
-    print(f"{'variant':<12} {'tile':>4} {'median ms':>10} {'min ms':>8}  max err")
+    print(f"{'variant':<12} {'tile':>4} {'median ms':>10} {'min ms':>8}  max err   ({int(gs.sum())} of {a.rows} rows routed)")
+    steps = {}
     for name, fn in VARIANTS.items():
         for tile in (256, 128):
-            step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w, gs, tile))), argnums=(0, 1)))
+            if a.only and name not in a.only:
+                continue
+            steps[name, tile] = jax.jit(jax.value_and_grad(
+                lambda x, w, fn=fn, tile=tile: jnp.sum(jnp.sin(fn(x, w, gs, tile))), argnums=(0, 1)))
+    for _ in range(a.rounds):
+        for (name, tile), step in steps.items():
             r = jax.block_until_ready(step(x, w))
             times = []
             for _ in range(a.repeats):

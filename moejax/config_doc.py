@@ -29,7 +29,7 @@ REGISTRY_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "model.rope_scaling.type": ("moejax.model.attention", "ROPE_SCALINGS", ()),
     "model.moe.router": ("moejax.model.routing", "ROUTERS", ()),
     "model.moe.dispatch": ("moejax.model.dispatch", "DISPATCHERS", ()),
-    "model.moe.gmm": ("moejax.model.dispatch", "GROUPED_FFNS", ()),
+    "model.moe.gmm": ("moejax.model.gmm", "GROUPED_FFNS", ()),
     "data.format": ("moejax.data.formats", "FORMATS", ("auto",)),
 }
 # Keys whose list items come from a fixed tuple of names.

@@ -466,7 +466,9 @@ def default_device_memory() -> tuple[int, str]:
 
 def for_platform(cfg: Config, platform: str) -> Config:
     """`cfg` as it runs on `platform`: `model.moe.gmm: auto` picks its grouped matmul by backend at
-    trace time (tiled on CPU, ragged_dot on GPU/TPU), so a plan for an accelerator traces that one."""
+    trace time (tiled on CPU, ragged_dot on GPU, megablox on TPU), so a plan for an accelerator traces
+    that one; for TPU it traces ragged_dot, whose buffers are megablox's (megablox off a TPU runs in
+    Pallas interpret mode, far too slow to trace for a plan)."""
     if cfg.model.moe.gmm == "auto":
         gmm = "tiled" if platform == "cpu" else "ragged_dot"
         moe = dataclasses.replace(cfg.model.moe, gmm=gmm)
