@@ -81,7 +81,7 @@ def test_dynamic_capacity_drops_nothing_and_equals_dense():
      "model.moe.a2a_local_size = 3 must divide mesh.expert = 8"),
     (["model.moe.drop_duplicate_tokens=true"], "drop_duplicate_tokens = true needs tensor parallelism"),
     (["model.moe.ep_buffer_factor=0"], "model.moe.ep_buffer_factor = 0.0 is out of range: must be > 0"),
-    (["model.moe.ep_buffer_factor=-1"], "ep_buffer_factor = -1 is out of range"),
+    (["model.moe.ep_buffer_factor=-1"], "ep_buffer_factor = -1.0 is out of range"),
     (["model.moe.ep_exchange=fancy"], "ep_exchange = 'fancy' is not allowed; allowed: padded, ragged"),
     (["model.moe.capacity_factor=-1"], "capacity_factor = -1.0 is out of range: must be >= 0"),
 ])
