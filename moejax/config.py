@@ -60,9 +60,14 @@ class MoEConfig:
                     min=1)
     first_dense: int = _f(0, "The first K layers keep a dense FFN (DeepSeek's first_k_dense_replace).",
                           min=0)
-    gmm: str = _f("auto", "How dropless runs the experts over expert-sorted rows: auto (tiled on CPU, "
-                  "ragged_dot elsewhere), ragged_dot (grouped matmuls) or tiled (a loop over tiles).")
+    gmm: str = _f("auto", "How dropless runs the experts over expert-sorted rows: auto (megablox on "
+                  "TPU, ragged_dot on GPU, tiled on CPU), ragged_dot (grouped matmuls), megablox (Pallas "
+                  "TPU kernel; interpret mode elsewhere), tiled (a loop over the used tiles) or "
+                  "tiled_static (over the worst-case tile count).")
     tile_size: int = _f(256, "Rows per tile of the tiled grouped expert FFN.", min=8)
+    gmm_tiling: tuple[int, ...] = _f((128, 128, 128), "megablox tile sizes (tm, tk, tn): rows, "
+                                     "contraction and output columns per kernel block (each clipped "
+                                     "to its dimension).", min=1)
     layer_experts: tuple[int, ...] = _f((), "Routed experts of each MoE layer, in layer order (a pyramid, "
                                         "PR-MoE); empty = num_experts in every MoE layer.", min=1)
     shared_gate: bool = _f(False, "Scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE).")
@@ -434,6 +439,9 @@ def _check_model(m: ModelConfig) -> None:
             raise ConfigError(f"model.moe.{key} = {value!r} is not allowed; allowed: "
                               f"{', '.join(reg.names())}")
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    if len(e.gmm_tiling) != 3:
+        raise ConfigError(f"model.moe.gmm_tiling = {list(e.gmm_tiling)} must be 3 positive ints "
+                          "[tm, tk, tn] (megablox's row, contraction and output tile sizes)")
     if e.layer_experts and len(e.layer_experts) != n_moe:
         raise ConfigError(f"model.moe.layer_experts has {len(e.layer_experts)} entries but the model has "
                           f"{n_moe} MoE layers; give one expert count per MoE layer")

@@ -6,6 +6,7 @@ import pytest
 
 from moejax.config import MoEConfig
 from moejax.model import dispatch, routing
+from moejax.model import gmm as gmm_lib
 
 T, D, F, E, K = 24, 16, 12, 4, 2
 
@@ -50,7 +51,8 @@ def make_case(seed=0, t=T, e=E, k=K):
     return x, w, r, cfg
 
 
-PATHS = [("dense", "auto"), ("capacity", "auto"), ("dropless", "tiled"), ("dropless", "ragged_dot")]
+PATHS = [("dense", "auto"), ("capacity", "auto"), ("dropless", "tiled"), ("dropless", "ragged_dot"),
+         ("dropless", "megablox"), ("dropless", "tiled_static")]
 
 
 @pytest.mark.parametrize("name,gmm", PATHS)
@@ -139,3 +141,95 @@ def test_tiled_ffn_compiles_once_for_any_group_sizes():
     for sizes in ([16, 0, 0], [1, 7, 8], [5, 5, 6]):
         f(jnp.ones((16, 4)), experts, jnp.asarray(sizes), 4)
     assert f._cache_size() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Every registered grouped FFN (moejax.model.gmm) that runs here, against an independent reference:
+# rows past sum(group sizes) (a fixed-size buffer's padding), empty groups, group_offset.
+
+# `auto` is one of the others (test_auto_choice_per_backend); megablox (interpret mode: slow) runs
+# the first and the group_offset case only.
+GMMS = [n for n in gmm_lib.GROUPED_FFNS.names()
+        if n != "auto" and gmm_lib.GROUPED_FFNS.get(n).supports(jax.default_backend())]
+
+
+def per_group_reference(x, w, sizes, offset=0):
+    """numpy: rows of group offset + i through expert i, every other row 0."""
+    x = np.asarray(x, np.float64)
+    y = np.zeros((x.shape[0], w[2].shape[-1]))
+    starts = np.cumsum([0] + list(sizes[:-1]))
+    for i in range(w[0].shape[0]):
+        s, g = starts[offset + i], sizes[offset + i]
+        xe = x[s:s + g]
+        y[s:s + g] = (silu(xe @ w[0][i]) * (xe @ w[1][i])) @ w[2][i]
+    return y
+
+
+def jnp_group_reference(x, experts, sizes, offset=0):
+    """Differentiable twin: every row through every local expert, masked by group membership."""
+    starts = np.cumsum([0] + list(sizes[:-1]))
+    rows = jnp.arange(x.shape[0])
+    y = 0
+    for i in range(experts.w_gate.shape[0]):
+        s, g = starts[offset + i], sizes[offset + i]
+        m = ((rows >= s) & (rows < s + g)).astype(x.dtype)[:, None]
+        y = y + m * gmm_lib.swiglu(x, experts.w_gate[i], experts.w_up[i], experts.w_down[i])
+    return y
+
+
+GMM_CASES = [([5, 0, 17, 2], 24, None), ([0, 0, 9, 0], 24, None), ([3, 4, 2, 6], 32, None),
+             ([4, 6, 3, 5, 2, 1], 24, 2)]  # (group sizes, rows, group_offset with 2 local experts)
+
+
+def gmm_case(sizes, n, offset, seed=3):
+    rng = np.random.default_rng(seed)
+    e_local = len(sizes) if offset is None else 2
+    x = rng.normal(size=(n, D))
+    w = [rng.normal(size=(e_local,) + s) * 0.3 for s in ((D, F), (D, F), (F, D))]
+    return x, w
+
+
+@pytest.mark.parametrize("impl,sizes,n,offset",
+                         [(i, *c) for i in GMMS for c in GMM_CASES
+                          if i != "megablox" or c in (GMM_CASES[0], GMM_CASES[-1])])
+def test_every_grouped_ffn_forward_and_gradients(impl, sizes, n, offset):
+    x, w = gmm_case(sizes, n, offset)
+    experts = gmm_lib.ExpertWeights(*(jnp.asarray(a, jnp.float32) for a in w))
+    xj, gs = jnp.asarray(x, jnp.float32), jnp.asarray(sizes, jnp.int32)
+    off = None if offset is None else jnp.asarray(offset, jnp.int32)
+    fn = gmm_lib.GROUPED_FFNS.get(impl)
+    run = jax.jit(lambda x, w, gs: fn(x, w, gs, 8, tiling=(8, 128, 128), group_offset=off))
+    got = run(xj, experts, gs)
+    np.testing.assert_allclose(got, per_group_reference(x, w, sizes, offset or 0), rtol=1e-4, atol=1e-4)
+
+    def loss(f, x, w):
+        return jnp.sum(jnp.sin(f(x, w)))
+
+    g_got = jax.grad(loss, argnums=(1, 2))(lambda x, w: run(x, w, gs), xj, experts)
+    g_want = jax.grad(loss, argnums=(1, 2))(lambda x, w: jnp_group_reference(x, w, sizes, offset or 0),
+                                            xj, experts)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tile_loop_computes_only_the_used_tiles():
+    # 3 used tiles of 4 rows; the 5 tiles after them hold NaN: never computed, so no NaN anywhere.
+    rng = np.random.default_rng(4)
+    x_pad = np.full((32, D), np.nan, np.float32)
+    x_pad[:12] = rng.normal(size=(12, D))
+    w = [jnp.asarray(rng.normal(size=(2,) + s) * 0.3, jnp.float32) for s in ((D, F), (D, F), (F, D))]
+    tile_expert = jnp.array([0, 1, 1, 1, 1, 1, 1, 1])
+    f = lambda x: gmm_lib.tile_loop(x, *w, tile_expert, jnp.int32(3), jnp.zeros((4,), jnp.int8))  # noqa: E731
+    y = f(jnp.asarray(x_pad))
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.asarray(y[12:]) == 0)
+    want = np.concatenate([np.asarray(gmm_lib.swiglu(x_pad[:4], w[0][0], w[1][0], w[2][0])),
+                           np.asarray(gmm_lib.swiglu(x_pad[4:12], w[0][1], w[1][1], w[2][1]))])
+    np.testing.assert_allclose(y[:12], want, rtol=1e-5, atol=1e-5)
+    assert int(gmm_lib.used_tiles(jnp.array([3, 0, 5]), 4)) == 3
+
+
+def test_auto_choice_per_backend():
+    assert [gmm_lib.auto_choice(b) for b in ("tpu", "gpu", "cpu")] == ["megablox", "ragged_dot", "tiled"]
+    assert gmm_lib.GROUPED_FFNS.get("megablox").supports("cpu")  # interpret mode, so CI runs it
+    assert not gmm_lib.GROUPED_FFNS.get("megablox").supports("gpu")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,99 +24,18 @@ import jax.numpy as jnp
 from moejax.config import MoEConfig
 from moejax.model import exchange
 from moejax.model.exchange import ExpertAxis
+# The grouped FFNs live in moejax.model.gmm; their names stay importable from here.
+from moejax.model.gmm import (GROUPED_FFNS, ExpertWeights, GroupedFfn, grouped_ffn_auto,  # noqa: F401
+                              grouped_ffn_megablox, grouped_ffn_ragged_dot, grouped_ffn_tiled,
+                              grouped_ffn_tiled_static, swiglu, tile_layout, used_tiles)
 from moejax.model.routing import Routing
 from moejax.registry import Registry
 
 
-class ExpertWeights(NamedTuple):
-    w_gate: jax.Array  # [E, D, F]  (under expert parallelism: this device's E / ep experts)
-    w_up: jax.Array    # [E, D, F]
-    w_down: jax.Array  # [E, F, D]
 
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
 DISPATCHERS: Registry[DispatchFn] = Registry("dispatch")
-
-GroupedFfnFn = Callable[[jax.Array, ExpertWeights, jax.Array, int], jax.Array]
-GROUPED_FFNS: Registry[GroupedFfnFn] = Registry("grouped expert FFN")
-
-
-# ---------------------------------------------------------------------------------------------
-# Grouped expert FFN: rows sorted by expert, each group through its own expert's SwiGLU.
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
-
-
-@GROUPED_FFNS.register("ragged_dot")
-def grouped_ffn_ragged_dot(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: jax.Array,
-                           tile: int) -> jax.Array:
-    """Two `jax.lax.ragged_dot` grouped matmuls (gate and up fused into one)."""
-    del tile
-    f = experts.w_gate.shape[-1]
-    gs = group_sizes_e.astype(jnp.int32)
-    h = jax.lax.ragged_dot(x_nd, jnp.concatenate([experts.w_gate, experts.w_up], axis=-1), gs)
-    return jax.lax.ragged_dot(jax.nn.silu(h[:, :f]) * h[:, f:], experts.w_down, gs)
-
-
-def tile_layout(group_sizes_e: jax.Array, num_rows: int, tile: int) -> tuple[jax.Array, jax.Array, int]:
-    """Place each group at the start of a fresh tile of `tile` rows.
-
-    Returns (dest[N]: padded row of each sorted row, tile_expert[num_tiles], num_tiles). The number
-    of tiles is static: sum_e ceil(g_e / tile) <= ceil(N / tile) + E - 1; the group sizes stay
-    traced values, so one compilation serves every routing.
-    """
-    e = group_sizes_e.shape[0]
-    num_tiles = -(-num_rows // tile) + e - 1
-    gs = group_sizes_e.astype(jnp.int32)
-    tiles_per_group = (gs + tile - 1) // tile
-    tile_end = jnp.cumsum(tiles_per_group)
-    group_end = jnp.cumsum(gs)
-    rows = jnp.arange(num_rows, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(group_end, rows, side="right"), e - 1)
-    dest = (tile_end - tiles_per_group)[group] * tile + rows - (group_end - gs)[group]
-    # Rows past the last group (padding of a fixed-size buffer) point past the end, each to its own
-    # index so the scatter keeps unique indices (XLA then writes rows in parallel): dropped.
-    dest = jnp.where(rows < group_end[-1], dest, num_tiles * tile + rows)
-    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), e - 1)
-    return dest, tile_expert, num_tiles
-
-
-@GROUPED_FFNS.register("tiled")
-def grouped_ffn_tiled(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: jax.Array,
-                      tile: int) -> jax.Array:
-    """Groups padded to whole tiles; a loop over tiles runs the tile's expert's whole SwiGLU.
-
-    On XLA:CPU this beats both `ragged_dot` (~6x slower per FLOP here) and a batched einsum over
-    tiles with gathered weights (the gather and the small batched dot cost more than the loop);
-    see docs/benchmarks.md.
-    """
-    n, d = x_nd.shape
-    dest, tile_expert, num_tiles = tile_layout(group_sizes_e, n, tile)
-    x_pad = jnp.zeros((num_tiles * tile, d), x_nd.dtype).at[dest].set(x_nd, mode="drop",
-                                                                     unique_indices=True)
-
-    # Keep only the tile's matmul outputs for the backward pass. Without the policy, autodiff of the
-    # loop also saves each tile's slices of the expert weights (w[e]: [tiles, D, F] per weight, far
-    # more than the activations), and writing them costs time (docs/benchmarks.md); the slices
-    # are recomputed instead, which is free.
-    def one_tile(args):
-        x_cd, e = args
-        return swiglu(x_cd, experts.w_gate[e], experts.w_up[e], experts.w_down[e])
-
-    one_tile = jax.checkpoint(one_tile, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    y = jax.lax.map(one_tile, (x_pad.reshape(num_tiles, tile, d), tile_expert))
-    return y.reshape(num_tiles * tile, -1).at[dest].get(mode="fill", fill_value=0, unique_indices=True)
-
-
-@GROUPED_FFNS.register("auto")
-def grouped_ffn_auto(x_nd: jax.Array, experts: ExpertWeights, group_sizes_e: jax.Array,
-                     tile: int) -> jax.Array:
-    """`tiled` on CPU, `ragged_dot` on accelerators (chosen at trace time)."""
-    impl = grouped_ffn_tiled if jax.default_backend() == "cpu" else grouped_ffn_ragged_dot
-    return impl(x_nd, experts, group_sizes_e, tile)
-
 
 # ---------------------------------------------------------------------------------------------
 # Dispatchers.
@@ -240,6 +159,13 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
     return jax.lax.switch(jnp.minimum(idx, len(buckets) - 1), branches, x_td)
 
 
+def grouped_ffn(cfg: MoEConfig) -> Callable[..., jax.Array]:
+    """The configured grouped FFN with the config's tiling: f(x_nd, experts, group_sizes, *,
+    group_offset=None)."""
+    impl = GROUPED_FFNS.get(cfg.gmm)
+    return lambda x, w, gs, **kw: impl(x, w, gs, cfg.tile_size, tiling=cfg.gmm_tiling, **kw)
+
+
 def grouped_by_expert(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeights, cfg: MoEConfig
                       ) -> jax.Array:
     """Each row through the SwiGLU of its expert (`expert_n`; the value E marks a padding row,
@@ -247,7 +173,7 @@ def grouped_by_expert(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeigh
     receives under expert parallelism."""
     order = jnp.argsort(expert_n, stable=True)
     group_sizes = jnp.bincount(expert_n, length=experts.w_gate.shape[0])
-    y_sorted = GROUPED_FFNS.get(cfg.gmm)(x_nd[order], experts, group_sizes, cfg.tile_size)
+    y_sorted = grouped_ffn(cfg)(x_nd[order], experts, group_sizes)
     return jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
 
 
@@ -264,7 +190,7 @@ def dropless_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
         order = jnp.argsort(r.expert, stable=True)
         group_sizes = jnp.bincount(r.expert, length=experts.w_gate.shape[0])
         token, weight = r.token[order], r.weight[order]
-        y_nd = GROUPED_FFNS.get(cfg.gmm)(x_td[token], experts, group_sizes, cfg.tile_size)
+        y_nd = grouped_ffn(cfg)(x_td[token], experts, group_sizes)
         dropped = jnp.zeros((), jnp.int32)
     else:
         token, weight = r.token, r.weight
