@@ -39,8 +39,21 @@ class MoEConfig:
     renormalize: bool = _f(True, "Renormalise the k chosen softmax weights to sum to 1 (Mixtral).")
     dispatch: str = _f("dropless", "dense (reference), capacity (fixed buffers, drops overflow) or "
                        "dropless (sort + grouped matmul).")
-    capacity_factor: float = _f(1.25, "capacity dispatch: slots per expert = ceil(tokens*k/E*factor).",
-                                min=0.0, exclusive_min=True)
+    capacity_factor: float = _f(1.25, "capacity dispatch: slots per expert = ceil(tokens*k/E*factor); "
+                                "0 = dynamic (Tutel): the step's largest per-expert load, rounded up to "
+                                "one of a few static buckets, so nothing is dropped.", min=0.0)
+    ep_exchange: str = _f("padded", "Expert-parallel dropless exchange: padded (fixed-shape all_to_all "
+                          "sized for the worst case) or ragged (counts first, then ragged_all_to_all of "
+                          "the real rows; an exact emulation on CPU).", choices=("padded", "ragged"))
+    ep_buffer_factor: Optional[float] = _f(None, "ragged exchange: receive buffer rows = factor x the "
+                                           "average rows per device; overflow is dropped and counted "
+                                           "(dropped_fraction). null = the worst case (never drops).",
+                                           min=0.0, exclusive_min=True)
+    a2a_local_size: int = _f(0, "Tutel's 2D hierarchical all-to-all: devices per node along mesh.expert "
+                             "(an all-to-all inside each node, then one across nodes); 0 = flat.", min=0)
+    drop_duplicate_tokens: bool = _f(False, "DeepSpeed-TED: with mesh.tensor > 1 each tensor rank sends "
+                                     "1/tensor of the (identical) tokens through the expert all-to-all; "
+                                     "the results are all-gathered after.")
     aux_loss_coef: float = _f(0.01, "Weight of the Switch load-balancing loss in the total loss.", min=0.0)
     z_loss_coef: float = _f(0.001, "Weight of the ST-MoE router z-loss in the total loss.", min=0.0)
     every: int = _f(1, "An MoE block replaces the FFN of every N-th layer (layers with (i+1) % N == 0).",
@@ -513,9 +526,22 @@ def _check_train(t: TrainConfig) -> None:
                               f"and GROUP one of: {allowed}")
 
 
+def check_expert_parallel(e: MoEConfig, expert: int, tensor: int) -> None:
+    """Expert-parallel exchange options against the mesh's expert and tensor axis sizes (-1 =
+    not known before the devices are counted: checked again on the resolved mesh)."""
+    g = e.a2a_local_size
+    if g and expert > 0 and expert % g:
+        raise ConfigError(f"model.moe.a2a_local_size = {g} must divide mesh.expert = {expert} "
+                          "(devices per node along the expert axis; 0 = flat all-to-all)")
+    if e.drop_duplicate_tokens and tensor == 1:
+        raise ConfigError("model.moe.drop_duplicate_tokens = true needs tensor parallelism (mesh.tensor > 1): "
+                          "without it no token is duplicated")
+
+
 def validate(cfg: Config) -> None:
     """Raise `ConfigError` naming the first bad setting."""
     _check_fields(cfg, "")
     _check_model(cfg.model)
     _check_train(cfg.train)
     _check_mesh(cfg.mesh)
+    check_expert_parallel(cfg.model.moe, cfg.mesh.expert, cfg.mesh.tensor)

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.config import Config, MeshConfig
+from moejax.config import Config, MeshConfig, check_expert_parallel
 from moejax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -73,6 +73,7 @@ def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
     e = cfg.model.moe.num_experts
     if sizes["expert"] > 1 and (e == 0 or e % sizes["expert"]):
         raise ConfigError(f"mesh.expert = {sizes['expert']} must divide model.moe.num_experts = {e}")
+    check_expert_parallel(cfg.model.moe, sizes["expert"], sizes["tensor"])
     if cfg.train.batch_size % (sizes["data"] * sizes["fsdp"] * sizes["expert"]):
         n = sizes["data"] * sizes["fsdp"] * sizes["expert"]
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must be a multiple of "

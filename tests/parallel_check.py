@@ -53,15 +53,44 @@ def run(cfg, devices, steps=3):
     sh = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(make_train_step(graphdef, opt, cfg), in_shardings=(sh, parallel.batch_sharding(mesh)),
                    out_shardings=(sh, None))
-    losses = []
+    losses, dropped = [], []
     with parallel.use_mesh(mesh):
         for b in batches(steps, cfg.train.batch_size, cfg.data.seq_len):
             state, m = step(state, parallel.put_batch(b, mesh))
             losses.append(float(m["loss"]))
+            dropped.append(float(m["dropped_fraction"]))
+    run.dropped = dropped
     return losses, state, step._cache_size()
 
 
+# Keys that only change how the expert-parallel exchange moves data: not set in the 1-device reference.
+EP_ONLY = ("model.moe.a2a_local_size", "model.moe.drop_duplicate_tokens", "model.moe.ep_exchange",
+           "model.moe.ep_buffer_factor")
+
+
+def cases(spec: list[dict]) -> None:
+    """Each case {"mesh": {...}, "sets": [...]} against 1 device with the same non-exchange sets."""
+    refs: dict = {}
+    for case in spec:
+        sets = case["sets"]
+        ref_sets = tuple(x for x in sets if not x.startswith(EP_ONLY))
+        if ref_sets not in refs:
+            cfg1 = config.load(None, BASE + list(ref_sets) + ["mesh.data=1"])
+            refs[ref_sets] = run(cfg1, jax.devices()[:1])[:2] + (run.dropped,)
+        ref_losses, ref_state, ref_dropped = refs[ref_sets]
+        m = case["mesh"]
+        cfg = config.load(None, BASE + sets + [f"mesh.{k}={v}" for k, v in m.items()])
+        losses, state, compiles = run(cfg, jax.devices()[:int(np.prod(list(m.values())))])
+        dparam = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                     zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
+        print(json.dumps({"mesh": m, "sets": sets, "losses": losses, "ref_losses": ref_losses,
+                          "dropped": run.dropped, "ref_dropped": ref_dropped,
+                          "max_param_diff": dparam, "compiles": compiles}), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1] == "--cases":
+        return cases(json.loads(sys.argv[2]))
     meshes = json.loads(sys.argv[1])
     for dispatch in sys.argv[2].split(","):
         cfg1 = config.load(None, BASE + [f"model.moe.dispatch={dispatch}", "mesh.data=1"])

@@ -113,7 +113,7 @@ def test_wrong_types_are_refused(override, expected):
     (["model.d_model=100"], ["model.d_model", "not divisible by model.n_heads", "head_dim"]),
     (["model.d_model=-4"], ["model.d_model", "must be >= 1"]),
     (["model.moe.num_experts=-1"], ["model.moe.num_experts", "must be >= 0"]),
-    (["model.moe.capacity_factor=0"], ["model.moe.capacity_factor", "> 0"]),
+    (["model.moe.capacity_factor=-0.5"], ["model.moe.capacity_factor", ">= 0"]),  # 0 = dynamic (issue 16)
     (["train.dtype=float16"], ["train.dtype", "float16", "float32", "bfloat16"]),
     (["model.moe.router=sinkhorn"], ["model.moe.router", "topk", "expert_choice", "deepseek"]),
     (["model.moe.dispatch=scatter"], ["model.moe.dispatch", "dense", "capacity", "dropless"]),

@@ -14,13 +14,16 @@ loop over fixed-size tiles on CPU, where XLA's ragged_dot runs far below the mac
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
+from moejax.model import exchange
+from moejax.model.exchange import ExpertAxis
 # The grouped FFNs live in moejax.model.gmm; their names stay importable from here.
 from moejax.model.gmm import (GROUPED_FFNS, ExpertWeights, GroupedFfn, grouped_ffn_auto,  # noqa: F401
                               grouped_ffn_megablox, grouped_ffn_ragged_dot, grouped_ffn_tiled,
@@ -29,11 +32,6 @@ from moejax.model.routing import Routing
 from moejax.registry import Registry
 
 
-class ExpertAxis(NamedTuple):
-    """Inside `shard_map`: the mesh axis the experts are split over, and its size. Device i of the
-    axis owns experts [i * E_local, (i + 1) * E_local)."""
-    name: str
-    size: int
 
 
 DispatchFn = Callable[..., tuple[jax.Array, jax.Array]]
@@ -74,7 +72,7 @@ def to_owners(buf_ecd: jax.Array, ep: ExpertAxis) -> jax.Array:
     """[E, C, D] buffers for every expert -> [E_local, ep * C, D]: every device's buffers for the
     experts this device owns (one all-to-all over the expert axis)."""
     e, c, d = buf_ecd.shape
-    x = jax.lax.all_to_all(buf_ecd.reshape(ep.size, e // ep.size, c, d), ep.name, 0, 0)
+    x = exchange.all_to_all(buf_ecd.reshape(ep.size, e // ep.size, c, d), ep)
     return x.transpose(1, 0, 2, 3).reshape(e // ep.size, ep.size * c, d)
 
 
@@ -82,7 +80,49 @@ def from_owners(out_ecd: jax.Array, ep: ExpertAxis) -> jax.Array:
     """The inverse of `to_owners`: [E_local, ep * C, D] -> [E, C, D] back on the tokens' devices."""
     e_local, ec, d = out_ecd.shape
     x = out_ecd.reshape(e_local, ep.size, ec // ep.size, d).transpose(1, 0, 2, 3)
-    return jax.lax.all_to_all(x, ep.name, 0, 0).reshape(ep.size * e_local, ec // ep.size, d)
+    return exchange.all_to_all(x, ep).reshape(ep.size * e_local, ec // ep.size, d)
+
+
+def dynamic_capacity_buckets(num_tokens: int, num_assignments: int, num_experts: int) -> tuple[int, ...]:
+    """The static capacities `capacity_factor = 0` chooses from: the average load ceil(N / E)
+    doubled until one expert could take every token (the most it can receive from one device),
+    so a run compiles one switch over these few sizes and never drops (Tutel's dynamic capacity)."""
+    c = max(1, math.ceil(num_assignments / num_experts))
+    out = []
+    while c < num_tokens:
+        out.append(c)
+        c *= 2
+    return tuple(out) + (num_tokens,)
+
+
+def _expert_swiglu(buf_ecd: jax.Array, experts: ExpertWeights) -> jax.Array:
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_gate))
+    h = h * jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_up)
+    return jnp.einsum("ecf,efd->ecd", h, experts.w_down)
+
+
+def _capacity_dispatch_at(c: int, x_td, experts: ExpertWeights, r: Routing, e: int, pos, live,
+                          ep: ExpertAxis | None):
+    t, d = x_td.shape
+    keep = live & (pos < c)
+    slot = jnp.where(keep, r.expert * c + pos, e * c)  # dropped copies all land in one spare row
+    buf = jnp.zeros((e * c + 1, d), x_td.dtype).at[slot].set(x_td[r.token])
+    buf_ecd = buf[:-1].reshape(e, c, d)
+    if ep and ep.ted_axis:
+        # DeepSpeed-TED: the t tensor ranks hold identical buffers; each sends 1/t of the slots.
+        out = exchange.ted_split(buf_ecd, ep, 1)
+        out = to_owners(out, ep)
+        out = exchange.owner_compute(lambda b: _expert_swiglu(b, experts), ep, 1, out)
+        out = exchange.ted_gather(from_owners(out, ep), ep, 1, c)
+    elif ep:
+        out = from_owners(_expert_swiglu(to_owners(buf_ecd, ep), experts), ep)
+    else:
+        out = _expert_swiglu(buf_ecd, experts)
+    out = out.reshape(e * c, d)
+    w = jnp.where(keep, r.weight, 0.0).astype(x_td.dtype)
+    y_nd = out[jnp.minimum(slot, e * c - 1)] * w[:, None]
+    y = jnp.zeros((t, d), x_td.dtype).at[r.token].add(y_nd)
+    return y, jnp.sum(live & ~keep).astype(jnp.int32)
 
 
 @DISPATCHERS.register("capacity")
@@ -94,32 +134,29 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
     O(T*E*C*D) einsum.
 
     Expert-parallel (inside shard_map): C is computed from this device's tokens (GShard's per-group
-    capacity), and the [E, C, D] buffers travel to the experts' owners and back by all-to-all."""
-    t, d = x_td.shape
+    capacity), and the [E, C, D] buffers travel to the experts' owners and back by all-to-all.
+    `capacity_factor = 0`: C is the largest per-expert load in the expert-parallel group this step,
+    rounded up to a bucket of `dynamic_capacity_buckets` (a `lax.switch`: one compilation)."""
+    t = x_td.shape[0]
     n = r.token.shape[0]
     e = experts.w_gate.shape[0] * (ep.size if ep else 1)
-    c = capacity(n, e, cfg.capacity_factor)
     # Position of each assignment in its expert's buffer, in assignment (= priority) order. An
     # assignment of weight 0 (e.g. GShard's undispatched second choice) takes no slot.
     live = r.weight != 0
     onehot_ne = jax.nn.one_hot(r.expert, e, dtype=jnp.int32) * live[:, None]
-    pos = jnp.take_along_axis(jnp.cumsum(onehot_ne, axis=0), r.expert[:, None], axis=1)[:, 0] - 1
-    keep = live & (pos < c)
-    slot = jnp.where(keep, r.expert * c + pos, e * c)  # dropped copies all land in one spare row
-    buf = jnp.zeros((e * c + 1, d), x_td.dtype).at[slot].set(x_td[r.token])
-    buf_ecd = buf[:-1].reshape(e, c, d)
+    cum = jnp.cumsum(onehot_ne, axis=0)
+    pos = jnp.take_along_axis(cum, r.expert[:, None], axis=1)[:, 0] - 1
+    if cfg.capacity_factor > 0:
+        return _capacity_dispatch_at(capacity(n, e, cfg.capacity_factor), x_td, experts, r, e, pos,
+                                     live, ep)
+    buckets = dynamic_capacity_buckets(t, n, e)
+    logging.getLogger("moejax").info("dynamic capacity: %d compiled buckets %s", len(buckets), buckets)
+    load = jnp.max(cum[-1]) if n else jnp.zeros((), jnp.int32)
     if ep:
-        buf_ecd = to_owners(buf_ecd, ep)
-    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_gate))
-    h = h * jnp.einsum("ecd,edf->ecf", buf_ecd, experts.w_up)
-    out = jnp.einsum("ecf,efd->ecd", h, experts.w_down)
-    if ep:
-        out = from_owners(out, ep)
-    out = out.reshape(e * c, d)
-    w = jnp.where(keep, r.weight, 0.0).astype(x_td.dtype)
-    y_nd = out[jnp.minimum(slot, e * c - 1)] * w[:, None]
-    y = jnp.zeros((t, d), x_td.dtype).at[r.token].add(y_nd)
-    return y, jnp.sum(live & ~keep).astype(jnp.int32)
+        load = jax.lax.pmax(load, ep.name)  # every device of the exchange must pick the same size
+    idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), load, side="left")
+    branches = [lambda x, c=c: _capacity_dispatch_at(c, x, experts, r, e, pos, live, ep) for c in buckets]
+    return jax.lax.switch(jnp.minimum(idx, len(buckets) - 1), branches, x_td)
 
 
 def grouped_ffn(cfg: MoEConfig) -> Callable[..., jax.Array]:
@@ -154,30 +191,52 @@ def dropless_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
         group_sizes = jnp.bincount(r.expert, length=experts.w_gate.shape[0])
         token, weight = r.token[order], r.weight[order]
         y_nd = grouped_ffn(cfg)(x_td[token], experts, group_sizes)
+        dropped = jnp.zeros((), jnp.int32)
     else:
         token, weight = r.token, r.weight
-        y_nd = expert_parallel_ffn(x_td[token], r.expert, experts, cfg, ep)
+        y_nd, dropped = expert_parallel_ffn(x_td[token], r.expert, experts, cfg, ep)
     y_nd = y_nd * weight.astype(x_td.dtype)[:, None]
-    return jnp.zeros((t, d), x_td.dtype).at[token].add(y_nd), jnp.zeros((), jnp.int32)
+    return jnp.zeros((t, d), x_td.dtype).at[token].add(y_nd), dropped
 
 
 def expert_parallel_ffn(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWeights, cfg: MoEConfig,
-                        ep: ExpertAxis) -> jax.Array:
+                        ep: ExpertAxis) -> tuple[jax.Array, jax.Array]:
     """Rows to their experts' owner devices, grouped FFN there, results back (inside shard_map).
+    Returns (y_nd, rows dropped by this device's exchange).
 
-    The all-to-all is fixed-shape: device j's slot for this device holds up to N rows, since in the
-    worst case every row goes to one device, so nothing is ever dropped. (`ragged_all_to_all`
-    would move only the real rows, but XLA:CPU does not implement it.)"""
+    `ep.exchange = padded`: one fixed-shape all-to-all whose slot per destination holds up to N
+    rows (in the worst case every row goes to one device), so nothing is ever dropped.
+    `ragged`: `ragged_all_to_all` of the real rows (`exchange.ragged_exchange`).
+    Under DeepSpeed-TED each tensor rank sends 1/t of the (identical) rows and the outputs are
+    all-gathered over `tensor` after."""
+    n = x_nd.shape[0]
+    if ep.ted_axis:
+        y, dropped = _exchange_rows(exchange.ted_split(x_nd, ep, 0), exchange.ted_split(expert_n, ep, 0),
+                                    experts, cfg, ep, valid=exchange.ted_split(jnp.ones((n,), bool), ep, 0))
+        return exchange.ted_gather(y, ep, 0, n), jax.lax.psum(dropped, ep.ted_axis)
+    return _exchange_rows(x_nd, expert_n, experts, cfg, ep)
+
+
+def _exchange_rows(x_nd, expert_n, experts: ExpertWeights, cfg: MoEConfig, ep: ExpertAxis, valid=None):
     n, d = x_nd.shape
     e_local = experts.w_gate.shape[0]
-    owner = expert_n // e_local
+
+    def compute(rows, local_e):
+        return exchange.owner_compute(lambda a, b: grouped_by_expert(a, b, experts, cfg), ep, 0, rows, local_e)
+
+    if valid is not None:  # TED padding rows: sent as "no expert" (they take no FFN work)
+        expert_n = jnp.where(valid, expert_n, ep.size * e_local)
+    if ep.exchange == "ragged":
+        return exchange.ragged_exchange(x_nd, expert_n, e_local, ep, compute)
+    owner = jnp.minimum(expert_n // e_local, ep.size - 1)
+    local = jnp.where(expert_n < ep.size * e_local, expert_n % e_local, e_local)
     # Position of each row among the rows for the same owner, in row order.
     onehot = jax.nn.one_hot(owner, ep.size, dtype=jnp.int32)
     pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), owner[:, None], axis=1)[:, 0] - 1
     send = jnp.zeros((ep.size, n, d), x_nd.dtype).at[owner, pos].set(x_nd, unique_indices=True)
-    send_e = jnp.full((ep.size, n), e_local, jnp.int32).at[owner, pos].set(expert_n % e_local)
-    recv = jax.lax.all_to_all(send, ep.name, 0, 0)
-    recv_e = jax.lax.all_to_all(send_e, ep.name, 0, 0)
-    out = grouped_by_expert(recv.reshape(ep.size * n, d), recv_e.reshape(-1), experts, cfg)
-    back = jax.lax.all_to_all(out.reshape(ep.size, n, d), ep.name, 0, 0)
-    return back[owner, pos]
+    send_e = jnp.full((ep.size, n), e_local, jnp.int32).at[owner, pos].set(local)
+    recv = exchange.all_to_all(send, ep)
+    recv_e = exchange.all_to_all(send_e, ep)
+    out = compute(recv.reshape(ep.size * n, d), recv_e.reshape(-1))
+    back = exchange.all_to_all(out.reshape(ep.size, n, d), ep)
+    return back[owner, pos], jnp.zeros((), jnp.int32)

@@ -66,13 +66,25 @@ def routed_experts(x_td, router: RouterInputs, experts: dispatch_lib.ExpertWeigh
     return y_td, stats, dropped, n, info
 
 
+def expert_axis(mesh, cfg: MoEConfig) -> dispatch_lib.ExpertAxis | None:
+    """The expert-parallel exchange of this mesh and config (None without expert parallelism)."""
+    if mesh.shape["expert"] == 1:
+        return None
+    t = mesh.shape["tensor"]
+    ted = cfg.drop_duplicate_tokens and t > 1 and cfg.dispatch != "dense"
+    return dispatch_lib.ExpertAxis("expert", mesh.shape["expert"], local_size=cfg.a2a_local_size,
+                                   ted_axis="tensor" if ted else None, ted_size=t if ted else 1,
+                                   exchange=cfg.ep_exchange, buffer_factor=cfg.ep_buffer_factor)
+
+
 def sharded_routed_experts(mesh, x_td, router: RouterInputs, experts, valid_t, token_ids_t,
                            cfg: MoEConfig, rng=None, seq_len=None, return_routing=False):
     """`routed_experts` inside shard_map over the whole mesh: tokens split over the batch axes,
     experts over `expert` (reached by all-to-all), expert hidden units over `tensor` (partial
     outputs summed), FSDP-split weights gathered on entry. Random routers draw per token shard."""
     batch = parallel.BATCH_AXES
-    ep = dispatch_lib.ExpertAxis("expert", mesh.shape["expert"]) if mesh.shape["expert"] > 1 else None
+    ep = expert_axis(mesh, cfg)
+    ted = ep is not None and ep.ted_axis is not None
     w_in, w_out = P("expert", None, "tensor"), P("expert", "tensor", None)
     has_rng, has_noise = rng is not None, router.noise_w is not None
 
@@ -82,7 +94,7 @@ def sharded_routed_experts(mesh, x_td, router: RouterInputs, experts, valid_t, t
             x, RouterInputs(rw, rb, nw if has_noise else None), dispatch_lib.ExpertWeights(wg, wu, wd),
             valid, tok, cfg, ep, reduce_axes=batch, rng=key, seq_len=seq_len,
             return_routing=return_routing)
-        if mesh.shape["tensor"] > 1:
+        if mesh.shape["tensor"] > 1 and not ted:  # under TED the exchange already summed them
             y = jax.lax.psum(y, "tensor")
         return y, stats, dropped, n, info
 
