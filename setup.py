@@ -28,6 +28,7 @@ setup(
         "tokenizers>=0.20",  # checkpoints' own tokenizer.json files, run as transformers' fast tokenizers run them
         "jinja2>=3.1.6",  # chat templates rendered as transformers does (sandboxed; 3.1.6 fixes sandbox escapes)
         "pyarrow>=14",  # parquet data sources (row groups read lazily), as Hugging Face datasets ship them
+        "grain>=0.2.10",  # the JAX ecosystem's loader (as MaxText): read-ahead threads for tokenizing + masking
     ],
     extras_require={
         "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # notebooks run in tests
