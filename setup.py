@@ -31,7 +31,8 @@ setup(
         "grain>=0.2.10",  # the JAX ecosystem's loader (as MaxText): read-ahead threads for tokenizing + masking
     ],
     extras_require={
-        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6"],  # notebooks run in tests
+        # notebooks run in tests; lm_eval: the [eval] extra is tested in CI too
+        "test": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "lm_eval>=0.4,<0.5"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
         "eval": ["lm_eval>=0.4,<0.5"],  # python -m moejax.evaluate --lm-eval-tasks: the standard harness

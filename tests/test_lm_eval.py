@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("lm_eval")  # the optional extra moejax[eval]; installed in CI
+import lm_eval  # noqa: E402,F401  (the optional extra moejax[eval]; the [test] extra installs it)
 
 from moejax.errors import UserError  # noqa: E402
 from moejax.interop.hf import from_pretrained  # noqa: E402
