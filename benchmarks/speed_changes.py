@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import bench, config, parallel, train
-from moejax.model import attention, dispatch
+from moejax.model import attention_impl, dispatch
 from moejax.optim import make_optimizer
 
 
@@ -64,22 +64,22 @@ VARIANTS = {
     "before": (lm_loss_sum_before, grouped_ffn_tiled_before, grouped_attention_before),
     "+tile_checkpoint": (lm_loss_sum_before, dispatch.grouped_ffn_tiled, grouped_attention_before),
     "+chunked_ce": (train.lm_loss_sum, dispatch.grouped_ffn_tiled, grouped_attention_before),
-    "+attention_layout": (train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention.grouped_attention),
+    "+attention_layout": (train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention_impl.grouped_attention),
 }
 
 
 def compile_variant(cfg, name, mesh, opt, graphdef, state, batch):
     loss, tiled, attn = VARIANTS[name]
     saved = (train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"],
-             attention.grouped_attention)
-    train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention.grouped_attention = loss, tiled, attn
+             attention_impl.grouped_attention)
+    train.lm_loss_sum, dispatch.grouped_ffn_tiled, attention_impl.grouped_attention = loss, tiled, attn
     dispatch.GROUPED_FFNS._items["tiled"] = tiled
     try:
         with parallel.use_mesh(mesh):
             return train.jit_train_step(graphdef, opt, cfg, state, mesh).lower(state, batch).compile()
     finally:
         (train.lm_loss_sum, dispatch.grouped_ffn_tiled, dispatch.GROUPED_FFNS._items["tiled"],
-         attention.grouped_attention) = saved
+         attention_impl.grouped_attention) = saved
 
 
 def main() -> None:

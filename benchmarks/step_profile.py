@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from moejax import bench, config, parallel
-from moejax.model.attention import ATTENTIONS, attention_mask
+from moejax.model.attention import ATTENTIONS
 from moejax.model.layers import RMSNorm
 from moejax.model.moe import MoEBlock
 from moejax.optim import make_optimizer
@@ -62,7 +62,7 @@ def main() -> None:
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(1), (b, t, m.d_model), jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = attention_mask(jnp.ones((b, t), jnp.int32))
+    mask = jnp.ones((b, t), jnp.int32)  # segment ids
     ms = {}
 
     class AttnLayer(nnx.Module):

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from moejax import names
 from moejax.errors import ConfigError
 
 
@@ -146,6 +147,15 @@ class ModelConfig:
     init_std: float = _f(0.02, "Standard deviation of the normal initialiser.", min=0.0, exclusive_min=True)
     attention: str = _f("gqa", "Attention, from the attention registry: gqa (grouped-query, Llama) or "
                         "mla (multi-head latent attention, DeepSeek-V2/V3).")
+    attention_impl: str = _f("auto", "How softmax(q k^T) v is computed (moejax.model.attention_impl): "
+                             "auto (TPU splash; GPU cudnn, else pallas_gpu; CPU xla below 2048 tokens, "
+                             "chunked from there), xla (dense), chunked (blockwise, every backend), "
+                             "splash (Pallas TPU), pallas_gpu (Pallas Triton) or cudnn (GPU, bf16).")
+    attention_block_q: int = _f(512, "Query rows per block of the chunked / splash / pallas_gpu "
+                                "attention (splash and pallas_gpu: must divide data.seq_len when "
+                                "smaller).", min=8)
+    attention_block_kv: int = _f(512, "Key rows per block of the chunked / splash / pallas_gpu "
+                                 "attention.", min=8)
     qkv_bias: bool = _f(False, "Biases on the query/key/value projections (Qwen2).")
     qk_norm: bool = _f(False, "RMSNorm on the projected queries and keys (OLMoE).")
     sliding_window: Optional[int] = _f(None, "Each query sees at most this many latest keys (Mistral); "
@@ -439,14 +449,10 @@ def _check_model(m: ModelConfig) -> None:
     if e.top_k > e.num_experts:
         raise ConfigError(f"model.moe.top_k = {e.top_k} is out of range: must be in "
                           f"[1, model.moe.num_experts = {e.num_experts}]")
-    from moejax.model import dispatch, routing  # registries; imported late to keep config light
-
-    for key, value, reg in (("router", e.router, routing.ROUTERS),
-                            ("dispatch", e.dispatch, dispatch.DISPATCHERS),
-                            ("gmm", e.gmm, dispatch.GROUPED_FFNS)):
-        if value not in reg:
-            raise ConfigError(f"model.moe.{key} = {value!r} is not allowed; allowed: "
-                              f"{', '.join(reg.names())}")
+    for key, value, allowed in (("router", e.router, tuple(names.ROUTERS)),
+                                ("dispatch", e.dispatch, names.DISPATCHERS),
+                                ("gmm", e.gmm, names.GROUPED_FFNS)):
+        _check_name(f"model.moe.{key}", value, allowed)
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     if len(e.gmm_tiling) != 3:
         raise ConfigError(f"model.moe.gmm_tiling = {list(e.gmm_tiling)} must be 3 positive ints "
@@ -460,20 +466,30 @@ def _check_model(m: ModelConfig) -> None:
     if e.max_experts % e.n_group or e.topk_group > e.n_group:
         raise ConfigError(f"model.moe.n_group = {e.n_group} must divide the experts ({e.max_experts}) and "
                           f"be >= model.moe.topk_group = {e.topk_group}")
-    routing.check_router(e)
+    fixed = names.ROUTERS[e.router]
+    if fixed is not None and e.top_k != fixed:
+        raise ConfigError(f"model.moe.router = {e.router!r} routes to exactly {fixed} expert(s); set "
+                          f"model.moe.top_k = {fixed} (got {e.top_k})")
     if not any(m.is_moe_layer(i) for i in range(m.n_layers)):
         raise ConfigError(f"no layer is an MoE layer with model.moe.first_dense = {e.first_dense} and "
                           f"model.moe.every = {e.every} over model.n_layers = {m.n_layers}; set "
                           "model.moe.num_experts = 0 for a dense model")
 
 
-def _check_attention(m: ModelConfig) -> None:
-    from moejax.model import attention  # registries; imported late to keep config light
+def _check_name(key: str, value: str, allowed: Sequence[str]) -> None:
+    """A registry-backed value: one of `allowed` (moejax.names), else the nearest name as a hint."""
+    if value in allowed:
+        return
+    near = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"{key} = {value!r} is not allowed; allowed: {', '.join(sorted(allowed))}{hint}")
 
-    for key, value, reg in (("attention", m.attention, attention.ATTENTIONS),
-                            ("rope_scaling.type", m.rope_scaling.type, attention.ROPE_SCALINGS)):
-        if value not in reg:
-            raise ConfigError(f"model.{key} = {value!r} is not allowed; allowed: {', '.join(reg.names())}")
+
+def _check_attention(m: ModelConfig) -> None:
+    for key, value, allowed in (("attention", m.attention, names.ATTENTIONS),
+                                ("attention_impl", m.attention_impl, names.ATTENTION_IMPLS),
+                                ("rope_scaling.type", m.rope_scaling.type, names.ROPE_SCALINGS)):
+        _check_name(f"model.{key}", value, allowed)
     rs = m.rope_scaling
     if rs.type in ("llama3", "yarn") and rs.original_max_position_embeddings is None:
         raise ConfigError(f"model.rope_scaling.type = {rs.type!r} needs "
@@ -505,7 +521,7 @@ def _check_mesh(mesh: MeshConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    from moejax.optim import PARAM_GROUPS  # imported late to keep config light
+    PARAM_GROUPS = names.PARAM_GROUPS
 
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by train.grad_accum = "

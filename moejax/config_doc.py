@@ -26,6 +26,7 @@ DOC_PATH = os.path.join("docs", "configuration.md")
 # key -> (module, registry attribute, extra allowed values not in the registry).
 REGISTRY_KEYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "model.attention": ("moejax.model.attention", "ATTENTIONS", ()),
+    "model.attention_impl": ("moejax.model.attention_impl", "ATTENTION_IMPLS", ("auto",)),
     "model.rope_scaling.type": ("moejax.model.attention", "ROPE_SCALINGS", ()),
     "model.moe.router": ("moejax.model.routing", "ROUTERS", ()),
     "model.moe.dispatch": ("moejax.model.dispatch", "DISPATCHERS", ()),
@@ -39,6 +40,7 @@ NAME_LIST_KEYS: dict[str, tuple[str, str]] = {
 }
 # Registries described in their own section (name + docstring), in this order.
 DESCRIBED = ("model.moe.router", "model.moe.dispatch", "model.moe.gmm", "model.attention",
+             "model.attention_impl",
              "model.rope_scaling.type")
 
 HEADER = """\
@@ -145,7 +147,8 @@ def _walk(cls: type, prefix: str, help_text: str) -> Iterator[tuple[str, str, li
 
 
 def _doc_paragraph(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
+    doc = (getattr(obj, "doc", None) if not callable(obj) or hasattr(obj, "fn") else None) \
+        or inspect.getdoc(obj) or ""
     return " ".join(doc.split("\n\n")[0].split())
 
 

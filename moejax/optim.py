@@ -15,7 +15,7 @@ import optax
 
 from moejax.config import TrainConfig
 
-PARAM_GROUPS = ("embed", "attention", "router", "experts", "shared", "ffn", "norm", "head")
+from moejax.names import PARAM_GROUPS  # the names live below the config (moejax.names)
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:

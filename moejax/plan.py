@@ -473,7 +473,25 @@ def for_platform(cfg: Config, platform: str) -> Config:
         gmm = "tiled" if platform == "cpu" else "ragged_dot"
         moe = dataclasses.replace(cfg.model.moe, gmm=gmm)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=moe))
-    return cfg
+    return with_planned_attention(cfg, platform)
+
+
+def with_planned_attention(cfg: Config, platform: str) -> Config:
+    """The attention implementation the plan traces. `auto` resolves as it will on `platform`.
+    The flash kernels (splash, pallas_gpu, cudnn) keep what `chunked` keeps for the backward pass
+    (q, k, v, the output and one log-sum-exp per row) and O(T x block) temporaries, so the plan traces
+    `chunked` for them: a kernel cannot be traced off its platform."""
+    from moejax.model import attention_impl as ai
+    m = cfg.model
+    impl = m.attention_impl
+    if impl == "auto":
+        dtype = "bfloat16" if cfg.train.dtype == "bfloat16" else "float32"
+        spec = ai.AttnSpec("auto", 1.0, m.sliding_window, m.attention_block_q, m.attention_block_kv)
+        hd = m.resolved_head_dim
+        impl = ai.pick_auto(platform, dtype, cfg.data.seq_len, spec, hd, hd)
+    if impl in ("splash", "pallas_gpu", "cudnn"):
+        impl = "chunked"
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, attention_impl=impl))
 
 
 def plan(cfg: Config, devices: int, device_memory: int) -> dict[str, Any]:
@@ -557,7 +575,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_lib.load(args.config, args.set)
     cfg = for_platform(cfg, args.platform or jax.default_backend())
     sizes = dataclasses.asdict(cfg.mesh).values()
-    devices = args.devices or (int(np.prod(list(sizes))) if -1 not in sizes else jax.device_count())
+    devices = args.devices or int(np.prod([v for v in sizes if v != -1]))
+    if args.devices is None and -1 in sizes:
+        # Planning happens on a laptop for a cluster: this machine's device count says nothing.
+        axis = next(k for k, v in dataclasses.asdict(cfg.mesh).items() if v == -1)
+        print(f"planning for {devices} device(s), the smallest count the fixed mesh axes allow "
+              f"(mesh.{axis} = -1 -> 1); pass --devices N for another count", flush=True)
     if devices < 1:
         raise UserError(f"--devices must be >= 1, got {devices}")
     mem = parse_bytes(args.device_memory) if args.device_memory else default_device_memory()[0]

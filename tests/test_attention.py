@@ -18,7 +18,7 @@ B, T = 2, 10
 def inputs(d=32, seed=0):
     x = np.random.default_rng(seed).normal(size=(B, T, d)).astype(np.float32)
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
-    return x, pos, attention_mask(jnp.ones((B, T), jnp.int32))
+    return x, pos, jnp.ones((B, T), jnp.int32)  # segment ids: one segment
 
 
 def build(cls, cfg, seed=1, std=0.3):

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from moejax.model import Transformer
-from moejax.model.attention import Attention, attention_mask
+from moejax.model.attention import Attention
 from moejax.model.layers import logical_axes
 from moejax.model.moe import MoEBlock
 from tests.conftest import tiny_config
@@ -104,7 +104,7 @@ def test_gqa_matches_multi_head_attention_with_repeated_kv():
     attn = Attention(cfg, rngs=nnx.Rngs(3))
     x = jax.random.normal(jax.random.key(0), (1, 6, cfg.d_model))
     pos = jnp.arange(6)[None]
-    got = attn(x, pos, attention_mask(jnp.ones((1, 6), jnp.int32)))
+    got = attn(x, pos, jnp.ones((1, 6), jnp.int32))
     # Reference: numpy multi-head attention, KV heads repeated per group, RoPE in rotate-half form.
     xn = np.asarray(x[0], np.float64)
     q = np.einsum("td,dnh->tnh", xn, np.asarray(attn.wq[...]))

@@ -6,8 +6,10 @@
 - `mla`: multi-head latent attention (DeepSeek-V2, arXiv:2405.04434, sec. 2.1), as Hugging Face
   `DeepseekV3Attention` computes it.
 
-Every variant is `cls(cfg, rngs=rngs)` called as `attn(x[B, T, D], positions[B, T], mask) -> [B, T, D]`,
-with `mask` from `attention_mask` (causal and same packed segment). Scores and softmax run in float32.
+Every variant is `cls(cfg, rngs=rngs)` called as `attn(x[B, T, D], positions[B, T], segment_ids[B, T])
+-> [B, T, D]`: causal, each query inside its packed segment. How softmax(q k^T) v itself is computed
+(dense XLA, blockwise, Pallas / cuDNN kernels) is `model.attention_impl`, from the registry in
+`moejax.model.attention_impl`. Scores and softmax run in float32.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.config import ModelConfig, RopeScalingConfig
+from moejax.model.attention_impl import AttnSpec, attend, grouped_attention  # noqa: F401 (API)
 from moejax.model.layers import RMSNorm, param
 from moejax.registry import Registry
 
@@ -28,8 +31,14 @@ ROPE_SCALINGS: Registry[Callable[[RopeScalingConfig, float, int], tuple[np.ndarr
     Registry("rope scaling")
 
 
+def attention_spec(cfg: ModelConfig, scale: float) -> AttnSpec:
+    return AttnSpec(cfg.attention_impl, scale, cfg.sliding_window, cfg.attention_block_q,
+                    cfg.attention_block_kv)
+
+
 def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """[B, 1, 1, T, S] boolean: causal, and query and key in the same packed segment."""
+    """[B, 1, 1, T, S] boolean: causal, and query and key in the same packed segment (the dense
+    reference's mask; `attention_impl.dense_mask` adds the window)."""
     t = segment_ids_bt.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
@@ -134,27 +143,6 @@ def window_mask(mask: jax.Array, positions_bt: jax.Array, window: int | None) ->
     return mask & near[:, None, None, :, :]
 
 
-def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskv: jax.Array, mask: jax.Array,
-                      scale: float) -> jax.Array:
-    """softmax(q k^T * scale) v with the n query heads grouped under the k key/value heads (no KV
-    repetition): query head i reads KV head i // (n / k), as transformers' repeat_kv. -> [B, T, n, v]
-
-    Laid out KV-head-major, with a KV head's n / k query heads stacked as extra query rows, so both
-    products are plain batched matmuls over (batch, KV head) with no transposes inside them, and the
-    mask is added as a bias. Same result as the 5-d einsums it replaced, to float32 rounding; the
-    step-time effect is in docs/benchmarks.md (benchmarks/speed_changes.py keeps the old form)."""
-    b, t, n, hd = q_btnh.shape
-    s, kv, vd = k_bskh.shape[1], k_bskh.shape[2], v_bskv.shape[-1]
-    g = n // kv
-    q_bkqh = q_btnh.reshape(b, t, kv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, hd)
-    scores = jnp.einsum("bkqh,bskh->bkqs", q_bkqh, k_bskh, preferred_element_type=jnp.float32) * scale
-    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [B, 1, 1, T, S]
-    scores = scores.reshape(b, kv, g, t, s) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskv.dtype).reshape(b, kv, g * t, s)
-    out = jnp.einsum("bkqs,bskv->bkqv", probs, v_bskv)
-    return out.reshape(b, kv, g, t, vd).transpose(0, 3, 1, 2, 4).reshape(b, t, n, vd)
-
-
 def expert_gates(x_btd: jax.Array, router_de: jax.Array, k: int) -> jax.Array:
     """Attention-expert gates f32[B, T, E]: softmax router, top k, chosen weights renormalised to sum
     to 1, zero elsewhere. The router runs in float32 (as the MoE router)."""
@@ -199,7 +187,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(kv * hd, cfg.norm_eps) if cfg.qk_norm else None
         self.router = param(rngs, (d, cfg.attn_experts), ("embed", None), std) if cfg.attn_experts else None
         self.top_k, self.expert_scale = cfg.attn_top_k, cfg.attn_expert_scale
-        self.window = cfg.sliding_window
+        self.spec = attention_spec(cfg, hd ** -0.5)
         self.rope = Rope(cfg.rope_scaling, cfg.rope_theta, hd)
 
     def _project(self, x_btd, w, b, norm):
@@ -212,15 +200,15 @@ class Attention(nnx.Module):
             y = norm(y.reshape(*shape[:2], -1)).reshape(shape)
         return y
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
+                 ) -> jax.Array:
         dt = x_btd.dtype
         q = self._project(x_btd, self.wq, self.bq, self.q_norm)
         k = self._project(x_btd, self.wk, self.bk, self.k_norm)
         v = self._project(x_btd, self.wv, self.bv, None)
         q = apply_rope(q, positions_bt, *self.rope.tables())
         k = apply_rope(k, positions_bt, *self.rope.tables())
-        mask = window_mask(mask, positions_bt, self.window)
-        out = grouped_attention(q, k, v, mask, q.shape[-1] ** -0.5)
+        out = attend(q, k, v, segment_ids_bt, positions_bt, self.spec)
         wo = self.wo[...].astype(dt)
         if self.router is None:
             return jnp.einsum("btnh,nhd->btd", out, wo)
@@ -266,19 +254,19 @@ class MLAttention(nnx.Module):
         self.wo = param(rngs, (h, m.v_head_dim, d), ("heads", "head_dim", "embed"), std)
         self.nope, self.rope_dim, self.r_kv = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank
         self.interleave = m.rope_interleave
-        self.window = cfg.sliding_window
         self.rope = Rope(cfg.rope_scaling, cfg.rope_theta, m.qk_rope_head_dim)
         rs = cfg.rope_scaling
         mscale = yarn_mscale(rs.factor, rs.mscale_all_dim) if rs.type != "default" and rs.mscale_all_dim \
             else 1.0
-        self.scale = qk ** -0.5 * mscale * mscale
+        self.spec = attention_spec(cfg, qk ** -0.5 * mscale * mscale)
 
     def _rope(self, x, positions):
         if self.interleave:  # pairs (x0, x1), (x2, x3) ... -> halves, then rotate-half (as HF)
             x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
         return apply_rope(x, positions, *self.rope.tables())
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
+                 ) -> jax.Array:
         dt = x_btd.dtype
         if self.wq is not None:
             q = jnp.einsum("btd,dnh->btnh", x_btd, self.wq[...].astype(dt))
@@ -294,5 +282,5 @@ class MLAttention(nnx.Module):
         k_rope = self._rope(k_rope[:, :, None, :], positions_bt)
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], self.rope_dim))], -1)
-        out = grouped_attention(q, k, v, window_mask(mask, positions_bt, self.window), self.scale)
+        out = attend(q, k, v, segment_ids_bt, positions_bt, self.spec)
         return jnp.einsum("btnv,nvd->btd", out, self.wo[...].astype(dt))

@@ -10,7 +10,7 @@ from flax import nnx
 from moejax import parallel
 from moejax.config import ModelConfig
 from moejax.model import routing
-from moejax.model.attention import ATTENTIONS, attention_mask
+from moejax.model.attention import ATTENTIONS
 from moejax.model.layers import RMSNorm, SwiGLU, param
 from moejax.model.moe import MoEBlock
 
@@ -27,9 +27,9 @@ class Block(nnx.Module):
         self.ffn = (MoEBlock(cfg, cfg.moe.experts_of(moe_index), rngs=rngs) if self.is_moe
                     else SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std, rngs=rngs))
 
-    def __call__(self, x, positions, mask, valid, tokens, rng=None, return_routing=False):
+    def __call__(self, x, positions, segment_ids, valid, tokens, rng=None, return_routing=False):
         """Returns the new residual stream and the MoE output (None for a dense FFN)."""
-        x = x + self.attn(self.attn_norm(x), positions, mask)
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None
@@ -71,7 +71,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         valid = None if segment_ids is None else segment_ids != 0
-        mask = attention_mask(jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids)
+        segs = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
 
         x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
         x = parallel.constrain(x, ("batch", "length", "act_embed"))
@@ -81,7 +81,7 @@ class Transformer(nnx.Module):
             (lambda blk, *a: blk(*a))
         for i, block in enumerate(self.blocks):
             key = None if rng is None else jax.random.fold_in(rng, i)
-            x, out = run(block, x, positions, mask, valid, tokens_bt, key, return_routing)
+            x, out = run(block, x, positions, segs, valid, tokens_bt, key, return_routing)
             if out is not None:
                 moe_outs.append(out)
         x = self.final_norm(x)
