@@ -60,8 +60,8 @@ def _gqa_cached(attn, x_btd, positions_bt, cache: Cache) -> tuple[jax.Array, Cac
     q = apply_rope(q, positions_bt, *attn.rope.tables())
     k = apply_rope(k, positions_bt, *attn.rope.tables())
     cache = {"k": _write(cache["k"], k, positions_bt), "v": _write(cache["v"], v, positions_bt)}
-    mask = cache_mask(positions_bt, cache["k"].shape[1], attn.window)
-    out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, q.shape[-1] ** -0.5)
+    mask = cache_mask(positions_bt, cache["k"].shape[1], attn.spec.window)
+    out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, attn.spec.scale)
     wo = attn.wo[...].astype(dt)
     if attn.router is None:
         return jnp.einsum("btnh,nhd->btd", out, wo), cache
@@ -96,8 +96,8 @@ def _mla_cached(attn, x_btd, positions_bt, cache: Cache) -> tuple[jax.Array, Cac
     k_nope, v = kv[..., :attn.nope], kv[..., attn.nope:]
     q = jnp.concatenate([q_nope, attn._rope(q_rope, positions_bt)], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(kr_all[:, :, None, :], (*k_nope.shape[:3], attn.rope_dim))], -1)
-    mask = cache_mask(positions_bt, c_all.shape[1], attn.window)
-    out = grouped_attention(q, k, v, mask, attn.scale)
+    mask = cache_mask(positions_bt, c_all.shape[1], attn.spec.window)
+    out = grouped_attention(q, k, v, mask, attn.spec.scale)
     return jnp.einsum("btnv,nvd->btd", out, attn.wo[...].astype(dt)), cache
 
 
