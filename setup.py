@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "numpy",
+        "scipy",  # linear_sum_assignment: MC-SMoE weight matching of expert hidden units (moejax.compress.merge)
         "safetensors>=0.4.5",  # Hugging Face checkpoints through its numpy API (bf16 via ml_dtypes), no torch
         "ml_dtypes",  # bfloat16 for numpy (a jax dependency; imported directly by moejax.interop)
         "matplotlib>=3.7",  # moejax.analyze: routing plots (Agg backend, no display)

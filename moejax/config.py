@@ -209,6 +209,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = _f("", "Run directory of a frozen teacher for knowledge distillation; empty = off.")
+    alpha: float = _f(0.5, "Loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student).", min=0.0, max=1.0)
+    temperature: float = _f(1.0, "Softmax temperature T of the distillation term.", min=0.0,
+                            exclusive_min=True)
+    stop_step: int = _f(0, "Distil only for steps below this, then train plainly (staged KD, "
+                        "Mixture-of-Students); 0 = the whole run.", min=0)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = _f(1000, "Optimizer steps.", min=1)
     batch_size: int = _f(8, "Sequences per optimizer step (global, over all devices).", min=1)
@@ -238,6 +248,7 @@ class TrainConfig:
     log_every: int = _f(10, "Steps between metric lines.", min=1)
     eval_every: int = _f(100, "Steps between evaluations.", min=1)
     save_every: int = _f(500, "Steps between checkpoints.", min=1)
+    distill: DistillConfig = _f(DistillConfig(), "Knowledge distillation from a teacher run (docs/compression.md).")
 
 
 @dataclass(frozen=True)

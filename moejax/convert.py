@@ -38,7 +38,7 @@ class Command(NamedTuple):
 
 COMMANDS: Registry[Command] = Registry("convert command")
 # Modules that register more commands when imported (e.g. dense -> MoE conversions).
-COMMAND_MODULES: tuple[str, ...] = ("moejax.dense_to_moe",)
+COMMAND_MODULES: tuple[str, ...] = ("moejax.dense_to_moe", "moejax.compress.convert_commands")
 
 
 def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):

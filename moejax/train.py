@@ -21,6 +21,7 @@ import yaml
 from flax import nnx
 
 from moejax import config as config_lib
+from moejax import distill
 from moejax import flops as flops_lib
 from moejax import parallel
 from moejax.checkpoint import Checkpointer
@@ -87,14 +88,15 @@ def update_router_biases(params: nnx.State, expert_load_le: jax.Array, rate: flo
     return nnx.from_flat_state(flat)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config) -> Callable:
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Config,
+                    teacher_graphdef=None) -> Callable:
     """state, batch -> state, metrics. Total loss = LM loss + aux_coef * aux + z_coef * z; with
     grad_accum = A the batch is split into A micro-batches whose gradients are summed, which equals
     the full-batch gradient (the LM loss is normalised by the whole batch's target count)."""
     moe, tc = cfg.model.moe, cfg.train
     lr_at = schedule(tc)
 
-    def step(state, batch):
+    def step(state, batch, teacher_params=None):
         params = state["params"]
         a = tc.grad_accum
         micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
@@ -104,10 +106,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
         def one(grads, mb_key):
             mb, key = mb_key
 
+            teacher_logits = (None if teacher_graphdef is None else  # train.distill: frozen, forward only
+                              jax.lax.stop_gradient(_forward(teacher_graphdef, teacher_params, mb)[0]))
+
             def loss_fn(p):
                 logits, aux = _forward(graphdef, p, mb, rng=key)
                 ce = lm_loss_sum(logits, mb["targets"], mb["loss_mask"])
-                return ce / n_targets + router_loss(aux, moe) / a, (ce, aux)
+                lm = ce / n_targets if teacher_logits is None else distill.mixed_loss(
+                    ce, logits, teacher_logits, mb["loss_mask"], n_targets, tc.distill)
+                return lm + router_loss(aux, moe) / a, (ce, aux)
 
             (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             outs = (ce, aux["aux_loss"], aux["z_loss"], aux["expert_load"], aux["dropped_fraction"])
@@ -224,13 +231,23 @@ def _fmt_time(seconds: float) -> str:
 # The loop.
 
 
-def jit_train_step(graphdef, optimizer, cfg: Config, state, mesh):
+def jit_train_step(graphdef, optimizer, cfg: Config, state, mesh, teacher=None, start: int = 0):
     """The jitted train step: the state donated, its shardings pinned on the way in and out (so it
-    never moves between steps), the batch sharded over the batch axes."""
+    never moves between steps), the batch sharded over the batch axes. With `teacher` =
+    (graphdef, params) (train.distill) it distils until train.distill.stop_step, then runs the
+    plain step (`distill.staged`)."""
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
-                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, None))
+    plain = jax.jit(make_train_step(graphdef, optimizer, cfg), donate_argnums=0,
+                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                    out_shardings=(state_sharding, None))
+    if teacher is None:
+        return plain
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    t_params = jax.device_put(teacher[1], replicated)
+    kd = jax.jit(make_train_step(graphdef, optimizer, cfg, teacher[0]), donate_argnums=0,
+                 in_shardings=(state_sharding, parallel.batch_sharding(mesh), replicated),
+                 out_shardings=(state_sharding, None))
+    return distill.staged(kd, plain, t_params, cfg.train.distill.stop_step, start)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -259,7 +276,8 @@ def train(cfg: Config) -> dict[str, Any]:
           f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
 
-    train_step = jit_train_step(graphdef, optimizer, cfg, state, mesh)
+    teacher = distill.load_teacher(cfg) if distill.active(cfg) else None
+    train_step = jit_train_step(graphdef, optimizer, cfg, state, mesh, teacher, start)
     eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     stop = _StopRequest()
