@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval: requests per forward pass")
     args = p.parse_args(argv)
     if args.lm_eval_tasks:
-        from moejax.lm_eval_adapter import run_lm_eval
+        from moejax.lm_eval_adapter import require_lm_eval, run_lm_eval
 
+        require_lm_eval()  # before any run is loaded: a missing extra is the first thing to say
         metrics = run_lm_eval(args.workdir, [t for t in args.lm_eval_tasks.split(",") if t],
                               include_path=args.include_path, limit=args.limit, num_fewshot=args.num_fewshot,
                               apply_chat_template=args.apply_chat_template, output_path=args.output_path,

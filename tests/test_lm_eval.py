@@ -56,3 +56,27 @@ def test_generate_until_uses_the_cache_and_stops_at_until(lm):
 
     (text,) = lm.generate_until([Req()])
     assert "\n" not in text and isinstance(text, str)
+
+
+def test_without_lm_eval_the_command_names_the_extra(tmp_path):
+    """With lm_eval not importable, `evaluate --lm-eval-tasks` fails in one line naming the extra."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    # A meta-path finder that refuses lm_eval, as an environment without the extra would.
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoLmEval:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'lm_eval' or name.startswith('lm_eval.'):\n"
+        "            raise ImportError('no lm_eval')\n"
+        "sys.meta_path.insert(0, _NoLmEval())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), REPO])}
+    r = subprocess.run([sys.executable, "-m", "moejax.evaluate", "--workdir", str(tmp_path / "none"),
+                        "--lm-eval-tasks", "anything"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines == ["error: lm-evaluation-harness is not installed: pip install 'moejax[eval]'"], r.stderr
