@@ -290,4 +290,4 @@ def test_cli_errors_are_one_clear_line(tiny_run, tmp_path):
     with pytest.raises(UserError, match="nope.jsonl.*does not exist"):
         main(["--workdir", tiny_run, "--out", str(tmp_path / "r"), "--data", "jsonl:/nope.jsonl"])
     with pytest.raises(UserError, match="unknown scheme"):
-        main(["--workdir", tiny_run, "--out", str(tmp_path / "r"), "--data", "hf:abc"])
+        main(["--workdir", tiny_run, "--out", str(tmp_path / "r"), "--data", "s3:abc"])

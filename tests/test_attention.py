@@ -130,7 +130,9 @@ def test_attention_experts_all_chosen_zero_router_scale_e_equal_dense():
         nnx.update(dense, {k: v for k, v in nnx.to_pure_dict(nnx.state(moe, nnx.Param)).items()
                            if k != "router"})
         x, pos, mask = inputs()
-        np.testing.assert_allclose(run(moe, x, pos, mask), run(dense, x, pos, mask), rtol=1e-5, atol=1e-6)
+        # Outputs reach |7|: the E-way sum of gated expert outputs and the dense form round in another
+        # order, so float32 leaves ~2e-6 absolute on some CPUs (seen 1.9e-6 on this VM, 2026-12-02).
+        np.testing.assert_allclose(run(moe, x, pos, mask), run(dense, x, pos, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_expert_top1_is_its_heads_only():
