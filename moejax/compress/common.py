@@ -154,18 +154,15 @@ def moe_io(model: nnx.Module, tokens, seg, pos, batch: int = 32) -> list[tuple[n
     """Per MoE layer (X, Z): the block's input (the normed residual) and the routed experts' output
     (shared experts excluded: pruning never changes them) for every valid token, [N, D] each.
     The blocks run exactly as `Transformer.__call__` runs them."""
-    from moejax.model.attention import attention_mask
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, tok, sg, ps):
         m = nnx.merge(graphdef, state)
         x = jnp.take(m.embed[...], tok, axis=0).astype(m.dtype)
-        mask = attention_mask(sg)
         out = []
         for blk in m.blocks:
-            x = x + blk.attn(blk.attn_norm(x), ps, mask)
+            x = x + blk.attn(blk.attn_norm(x), ps, sg)  # as Block.__call__
             h = blk.ffn_norm(x)
             if blk.is_moe:
                 o = blk.ffn(h, valid_bt=sg != 0, token_ids_bt=tok)

@@ -102,19 +102,16 @@ def ffn_input_means(model, tokens, seg, pos) -> list[np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from moejax.model.attention import attention_mask
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, tok, sg, ps):
         m = nnx.merge(graphdef, state)
         x = jnp.take(m.embed[...], tok, axis=0).astype(m.dtype)
-        mask = attention_mask(sg)
         valid = (sg != 0)[..., None].astype(jnp.float32)
         means = []
         for blk in m.blocks:
-            x = x + blk.attn(blk.attn_norm(x), ps, mask)
+            x = x + blk.attn(blk.attn_norm(x), ps, sg)  # as Block.__call__
             h = blk.ffn_norm(x)
             means.append(jnp.sum(h * valid, (0, 1)) / jnp.maximum(jnp.sum(valid), 1.0))
             x = x + blk.ffn(h)
