@@ -62,7 +62,35 @@ def main() -> None:
     with open(os.path.join(HERE, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1)
     print(expected)
+    rolling_and_generation()
+
+
+ROLLING_TEXTS = ["The quick brown fox jumps over the lazy dog.",
+                 "Question: What is 2 + 3?\nAnswer: 5",
+                 " ".join(f"word{i} and {i * 7} more" for i in range(60))]  # > 128 tokens: several windows
+GEN_CONTEXTS = ["Question: What is 2 + 3?\nAnswer:", "The capital of France is"]
+
+
+def rolling_and_generation() -> None:
+    """tests/fixtures/lm_eval/expected_rolling.json: lm-eval hf backend's loglikelihood_rolling (max
+    length 128, so the long text is scored in rolling windows) and greedy generate_until."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=OUT, dtype="float32", device="cpu", batch_size=1, max_length=128)
+    rolling = hf.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                        for i, t in enumerate(ROLLING_TEXTS)])
+    gens = hf.generate_until([Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 6,
+                                                                   "do_sample": False}), i)
+                              for i, c in enumerate(GEN_CONTEXTS)])
+    out = {"texts": ROLLING_TEXTS, "rolling": [float(x) for x in rolling], "contexts": GEN_CONTEXTS,
+           "generations": gens}
+    with open(os.path.join(HERE, "expected_rolling.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(out)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    rolling_and_generation() if sys.argv[1:] == ["--rolling-only"] else main()

@@ -80,3 +80,18 @@ def test_without_lm_eval_the_command_names_the_extra(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines == ["error: lm-evaluation-harness is not installed: pip install 'moejax[eval]'"], r.stderr
+
+
+def test_rolling_loglikelihood_and_greedy_generation_equal_hf_backend(lm):
+    """loglikelihood_rolling (one text longer than max_length 128, so scored in rolling windows) and
+    generate_until equal lm-eval's hf backend on the same checkpoint (expected_rolling.json)."""
+    from lm_eval.api.instance import Instance
+
+    expected = json.load(open(os.path.join(FIX, "expected_rolling.json")))
+    got = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                    for i, t in enumerate(expected["texts"])])
+    np.testing.assert_allclose(got, expected["rolling"], atol=1e-3, rtol=1e-6)
+    gens = lm.generate_until([Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 6,
+                                                                   "do_sample": False}), i)
+                              for i, c in enumerate(expected["contexts"])])
+    assert gens == expected["generations"]
