@@ -164,7 +164,26 @@ class MoejaxLM(TemplateLM if TemplateLM is not None else object):
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+        """As lm-eval's hf backend: without a generation prompt the final (assistant prefix) message
+        is continued (transformers' continue_final_message: the render is cut right after that
+        message's content); a template that refuses a system turn is retried without it."""
+        def render(history):
+            text = self.tokenizer.apply_chat_template(history, add_generation_prompt=add_generation_prompt)
+            if add_generation_prompt or not history:
+                return text
+            final = str(history[-1]["content"])
+            for part in (final, final.strip()):  # spacing kept by the template, else stripped (as transformers)
+                if part and part in text:
+                    return text[:text.rindex(part) + len(part)]
+            raise UserError("--apply-chat-template: the chat template drops the final message, so it "
+                            "cannot be continued")
+
+        from moejax.tokenizer import ChatTemplateError
+
+        try:
+            return render(chat_history)
+        except ChatTemplateError:
+            return render([m for m in chat_history if m["role"] != "system"])
 
 
 def lm_eval_results(lm: "MoejaxLM", tasks: list[str], manager, *, limit=None, num_fewshot=None,

@@ -90,7 +90,44 @@ def rolling_and_generation() -> None:
     print(out)
 
 
+# ChatML that refuses a system turn: lm-eval's hf backend then retries without it.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                 "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATS = [([{"role": "user", "content": "What is 2 + 3?"}], True),
+         ([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "The answer is "}],
+          False),
+         ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], True)]
+
+
+def chat_renders() -> None:
+    """tests/fixtures/lm_eval/expected_chat.json: the hf backend's apply_chat_template (generation
+    prompt; continuing a final assistant prefix; the system-turn retry) with CHAT_TEMPLATE."""
+    import shutil
+    import tempfile
+
+    from lm_eval.models.huggingface import HFLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "m")
+        shutil.copytree(OUT, d)
+        with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+            f.write(CHAT_TEMPLATE)
+        hf = HFLM(pretrained=d, dtype="float32", device="cpu", batch_size=1, max_length=128)
+        renders = [hf.apply_chat_template(chat, add_generation_prompt=gen) for chat, gen in CHATS]
+    out = {"chat_template": CHAT_TEMPLATE, "chats": [[c, g] for c, g in CHATS], "renders": renders}
+    with open(os.path.join(HERE, "expected_chat.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(out)
+
+
 if __name__ == "__main__":
     import sys
 
-    rolling_and_generation() if sys.argv[1:] == ["--rolling-only"] else main()
+    if sys.argv[1:] == ["--rolling-only"]:
+        rolling_and_generation()
+    elif sys.argv[1:] == ["--chat-only"]:
+        chat_renders()
+    else:
+        main()
+        chat_renders()

@@ -95,3 +95,16 @@ def test_rolling_loglikelihood_and_greedy_generation_equal_hf_backend(lm):
                                                                    "do_sample": False}), i)
                               for i, c in enumerate(expected["contexts"])])
     assert gens == expected["generations"]
+
+
+def test_apply_chat_template_renders_as_hf_backend(tmp_path):
+    """--apply-chat-template: generation prompt, continuing an assistant prefix, and the retry
+    without a refused system turn render as lm-eval's hf backend did (expected_chat.json)."""
+    expected = json.load(open(os.path.join(REPO, FIX, "expected_chat.json")))
+    template = tmp_path / "chat.jinja"
+    template.write_text(expected["chat_template"])
+    model, _ = from_pretrained(os.path.join(REPO, FIX, "tiny_mixtral"))
+    lm = MoejaxLM(model, load(os.path.join(REPO, FIX, "tiny_mixtral"), chat_template=str(template)),
+                  batch_size=8, max_length=128)
+    got = [lm.apply_chat_template(chat, add_generation_prompt=gen) for chat, gen in expected["chats"]]
+    assert got == expected["renders"]
