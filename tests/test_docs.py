@@ -68,7 +68,8 @@ def test_reference_lists_every_key_with_its_bounds_and_default():
     for key in leaves:
         _row(text, key)
     assert "| `train.min_lr_ratio` | float | `0.1` | [0, 1] |" in text
-    assert "| `model.moe.capacity_factor` | float | `1.25` | > 0 |" in text
+    assert "| `model.moe.capacity_factor` | float | `1.25` | >= 0 |" in text  # 0 = dynamic capacity
+    assert "| `model.moe.routed_scaling_factor` | float | `1.0` | > 0 |" in text  # an exclusive bound
     assert "| `model.head_dim` | int or null | `null` | >= 1 |" in text
     assert "| `train.dtype` | str | `float32` | `float32`, `bfloat16` |" in text
 
