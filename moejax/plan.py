@@ -315,7 +315,7 @@ def _activation_parts(cfg: Config, b: int, tensor: int) -> tuple[int, int, int]:
             logits += n
         else:
             act += n
-            if "model/dispatch.py" in r.what:
+            if "model/dispatch.py" in r.what or "model/gmm.py" in r.what:  # the grouped expert FFN
                 grouped += n
     return act, logits, grouped
 

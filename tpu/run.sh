@@ -23,7 +23,7 @@ Flags:
 $REMOTE_DIR_HELP
 $COMMON_HELP
 
-Examples:
+Example:
   $SCRIPT -- python -m moejax.selfcheck      # first: does every kernel work here, and how fast
   $SCRIPT --log logs/mixtral_tiny.log -- python -m moejax.train --config configs/mixtral_tiny_tpu_v5e_8.yaml
 USAGE
