@@ -7,6 +7,7 @@ import pytest
 
 import moejax.data
 from moejax import tokenizer as tokenizer_lib
+import moejax.tokenizer.__main__ as tokenizer_cli
 from moejax.data.example import Example
 from moejax.errors import UserError, run_cli
 from moejax.tokenizer import Tokenizer, render, train_tokenizer
@@ -218,7 +219,7 @@ def jsonl_config(tmp_path, monkeypatch):
 
 def test_cli_train_default_path(jsonl_config, capsys):
     cfg, tmp_path = jsonl_config
-    assert tokenizer_lib.main(["train", "--config", cfg, "--limit", "100"]) == 0
+    assert tokenizer_cli.main(["train", "--config", cfg, "--limit", "100"]) == 0
     path = tmp_path / "run" / "tokenizer.model"
     tok = Tokenizer.load(str(path))
     out = capsys.readouterr().out.strip().splitlines()
@@ -229,7 +230,7 @@ def test_cli_train_default_path(jsonl_config, capsys):
 def test_cli_train_out_and_set(jsonl_config, capsys):
     cfg, tmp_path = jsonl_config
     out = tmp_path / "custom.model"
-    tokenizer_lib.main(["train", "--config", cfg, "--set", "model.vocab_size=350", "--out", str(out)])
+    tokenizer_cli.main(["train", "--config", cfg, "--set", "model.vocab_size=350", "--out", str(out)])
     assert Tokenizer.load(str(out)).vocab_size <= 350
     assert not (tmp_path / "run" / "tokenizer.model").exists()
 
@@ -238,7 +239,7 @@ def test_cli_error_is_one_line(jsonl_config, capsys):
     cfg, tmp_path = jsonl_config
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(SystemExit) as e:
-        run_cli(lambda: tokenizer_lib.main(["train", "--config", cfg, "--set", f"data.source=jsonl:{missing}"]))
+        run_cli(lambda: tokenizer_cli.main(["train", "--config", cfg, "--set", f"data.source=jsonl:{missing}"]))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and err.count("\n") == 1

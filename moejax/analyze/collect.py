@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.analyze import stats
+import moejax.analyze.stats as stats
 from moejax.data import open_source
 from moejax.data.example import Example
 from moejax.errors import UserError

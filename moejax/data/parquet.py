@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from moejax.data import index_cache
+import moejax.data.index_cache as index_cache
 from moejax.data.example import Example
 from moejax.data.formats import Validator, check_format, parse_record, signature_keys
 from moejax.errors import UserError

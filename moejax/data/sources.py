@@ -129,7 +129,7 @@ def open_source(spec: str, split: str, cfg: DataConfig) -> Source:
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if scheme == "tfds":  # TFDS datasets carry their own splits
-        from moejax.data import tasks
+        import moejax.data.tasks as tasks
         src = tasks.tfds_source(rest, split, cfg.tfds_dir or None)
     else:
         src = open_split(SOURCES.get(scheme)(rest, cfg), split)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.model import exchange
+import moejax.model.exchange as exchange
 from moejax.model.exchange import ExpertAxis
 # The grouped FFNs live in moejax.model.gmm; their names stay importable from here.
 from moejax.model.gmm import (GROUPED_FFNS, ExpertWeights, GroupedFfn, grouped_ffn_auto,  # noqa: F401

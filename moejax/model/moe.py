@@ -14,8 +14,8 @@ from jax.sharding import PartitionSpec as P
 
 from moejax import parallel
 from moejax.config import MoEConfig, ModelConfig
-from moejax.model import dispatch as dispatch_lib
-from moejax.model import routing
+import moejax.model.dispatch as dispatch_lib
+import moejax.model.routing as routing
 from moejax.model.layers import SwiGLU, param
 
 

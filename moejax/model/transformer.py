@@ -9,7 +9,7 @@ from flax import nnx
 
 from moejax import parallel
 from moejax.config import ModelConfig
-from moejax.model import routing
+import moejax.model.routing as routing
 from moejax.model.attention import ATTENTIONS
 from moejax.model.layers import RMSNorm, SwiGLU, param
 from moejax.model.moe import MoEBlock

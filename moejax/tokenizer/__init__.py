@@ -24,7 +24,7 @@ from moejax.tokenizer.moejax_spm import (END, MIN_VOCAB_SIZE, ROLE_TOKENS, SPECI
 def load(path: str | os.PathLike, chat_template: str | None = None) -> ChatTokenizer:
     """The tokenizer at `path`; `chat_template` (Jinja text, a file, or a built-in name) replaces the
     tokenizer's own template."""
-    from moejax.tokenizer import chat_template as ct
+    import moejax.tokenizer.chat_template as ct
     from moejax.tokenizer.hf import HFTokenizer, TOKENIZER_FILES
 
     path = os.fspath(path)
@@ -66,11 +66,5 @@ def _load_model_file(path: str) -> ChatTokenizer:
     return tok
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m moejax.tokenizer` (see moejax/tokenizer/__main__.py)."""
-    from moejax.tokenizer.__main__ import main as _main
-    return _main(argv)
-
-
 __all__ = ["load", "ChatTokenizer", "ChatTemplateError", "Tokenizer", "train_tokenizer", "render",
-           "BUILTIN_TEMPLATES", "main"]
+           "BUILTIN_TEMPLATES", ]

@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from moejax.errors import UserError
-from moejax.tokenizer import chat_template as ct
+import moejax.tokenizer.chat_template as ct
 from moejax.tokenizer.base import ChatTokenizer
 
 ROLES = ("system", "user", "assistant")
