@@ -29,6 +29,7 @@ from moejax import config as config_lib  # noqa: E402
 from moejax import flops as flops_lib  # noqa: E402
 
 EVAL_BATCHES = 8
+RANDOM_SEEDS = (0, 1, 2)
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                           "quickstart.yaml")
 
@@ -88,10 +89,14 @@ def part_compress(args, res):
                    "data.eval_questions=1"])
         res["base"] = {**evaluate(base, args.questions), "train_s": time.time() - t}
         save_results(args.out, res)
-    variants = [(f"prune-{m}-{k}", ["prune", "--keep", str(k), "--method", m])
-                for k in (6, 4) for m in ("usage", "reconstruction", "random")]
-    variants += [(f"merge-{m}-{k}", ["merge", "--experts", str(k), "--method", m])
-                 for k in (6, 4) for m in ("mcsmoe", "average")]
+    variants = []
+    for k in (6, 4):  # the usage-vs-random comparison first, then NAEE and the merges
+        variants.append((f"prune-usage-{k}", ["prune", "--keep", str(k), "--method", "usage"]))
+        # Several random draws: "usage beats random" is judged against all of them, not one draw.
+        variants += [(f"prune-random{s or ''}-{k}", ["prune", "--keep", str(k), "--method", "random",
+                                                     "--seed", str(s)]) for s in RANDOM_SEEDS]
+        variants.append((f"prune-reconstruction-{k}", ["prune", "--keep", str(k), "--method", "reconstruction"]))
+        variants += [(f"merge-{m}-{k}", ["merge", "--experts", str(k), "--method", m]) for m in ("mcsmoe", "average")]
     for name, cmd in variants:
         if name in res and "recovered" in res[name]:
             continue
@@ -139,14 +144,18 @@ def part_table(args, res):
              f"| base (8 experts, {args.base_steps} steps) | 8 | {b['params'] / 1e6:.3f}M | "
              f"{b['eval_loss']:.4f} | {b['exact_match']:.3f} | | |"]
     for k in (6, 4):
-        for name in [f"prune-{m}-{k}" for m in ("usage", "reconstruction", "random")] + \
+        randoms = [f"prune-random-{k}"] + [f"prune-random{s}-{k}" for s in RANDOM_SEEDS[1:]]
+        for name in [f"prune-{m}-{k}" for m in ("usage", "reconstruction")] + randoms + \
                 [f"merge-{m}-{k}" for m in ("mcsmoe", "average")]:
             if name not in res:
                 continue
             r = res[name]
             a, c = r["after"], r.get("recovered", {})
             saved = 1 - r["distinct_params"] / b["params"]
-            lines.append(f"| {name.rsplit('-', 1)[0]} | {k} | {r['distinct_params'] / 1e6:.3f}M "
+            label = name.rsplit('-', 1)[0]
+            if label.startswith("prune-random"):
+                label = f"prune-random (seed {label[len('prune-random'):] or 0})"
+            lines.append(f"| {label} | {k} | {r['distinct_params'] / 1e6:.3f}M "
                          f"(-{100 * saved:.1f}%) | {a['eval_loss']:.4f} | {a['exact_match']:.3f} | "
                          f"{c.get('eval_loss', float('nan')):.4f} | {c.get('exact_match', float('nan')):.3f} |")
     lines += ["", "| student (2 layers, 4 experts) | seed | params | eval loss | exact match |",

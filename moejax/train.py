@@ -174,7 +174,7 @@ def prepare_workdir(cfg: Config) -> str:
 def load_tokenizer(cfg: Config, workdir: str, train_source):
     from moejax.runs import load_tokenizer as load_run_tokenizer
     from moejax.tokenizer import train_tokenizer
-    from moejax.tokenizer.__main__ import training_texts
+    from moejax.data.pipeline import iter_texts
 
     path = tokenizer_path(cfg, workdir)
     if not os.path.exists(path):
@@ -182,7 +182,7 @@ def load_tokenizer(cfg: Config, workdir: str, train_source):
             raise UserError(f"data.tokenizer {path!r} does not exist")
         say(f"training a {cfg.model.vocab_size}-token SentencePiece tokenizer on {cfg.data.source} "
               f"-> {path}")
-        train_tokenizer(training_texts(train_source, limit=20000), cfg.model.vocab_size, path)
+        train_tokenizer(iter_texts(train_source, limit=20000), cfg.model.vocab_size, path)
     return load_run_tokenizer(cfg, workdir)
 
 

@@ -258,7 +258,7 @@ class RefusingTokenizer(FakeTokenizer):
     """Refuses (like a template's raise_exception) conversations whose question contains 'x'."""
 
     def apply_chat_template(self, messages, add_generation_prompt=False, chat_template=None):
-        raise NotImplementedError
+        raise AssertionError("the packer must tokenize with encode_chat, never render on its own")
 
     def encode_chat(self, messages, chat_template=None):
         from moejax.errors import UserError as Refusal

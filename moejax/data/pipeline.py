@@ -23,7 +23,7 @@ def make_packer(cfg: Config, source: Source, tokenizer: Any, *, shard_index: int
 def iter_texts(source: Source, limit: int | None = None) -> Iterator[str]:
     """The plain-text renderings (moejax's chat template, `moejax.tokenizer.render`) of up to `limit`
     examples, spread evenly over the source so a file sorted by domain still shows every domain."""
-    from moejax.tokenizer import render
+    from moejax.tokenizer.moejax_spm import render
 
     n = len(source)
     count = n if limit is None else min(limit, n)

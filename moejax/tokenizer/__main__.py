@@ -7,26 +7,18 @@ import os
 from typing import Sequence
 
 from moejax.errors import UserError, run_cli
-from moejax.tokenizer.moejax_spm import Tokenizer, render, train_tokenizer
-
-
-def training_texts(source, limit: int | None = None):
-    """The renderings (moejax chat template) of up to `limit` examples, spread evenly over the source
-    so a file sorted by domain still shows every domain."""
-    n = len(source)
-    count = n if limit is None else min(limit, n)
-    for j in range(count):
-        yield render(source[j * n // count])
+from moejax.tokenizer.moejax_spm import Tokenizer, train_tokenizer
 
 
 def train_from_config(cfg, out: str | None = None, limit: int | None = 20_000) -> tuple[Tokenizer, str]:
     """Train on up to `limit` examples of cfg.data.source's train split with cfg.model.vocab_size;
     write to `out`, else cfg.data.tokenizer, else WORKDIR/tokenizer.model."""
     from moejax import data  # a command: the data sources are upstream of the tokenizer
+    from moejax.data.pipeline import iter_texts
 
     path = out or cfg.data.tokenizer or os.path.join(cfg.train.workdir, "tokenizer.model")
     source = data.open_source(cfg.data.source, "train", cfg.data)
-    tok = train_tokenizer(training_texts(source, limit), cfg.model.vocab_size, path)
+    tok = train_tokenizer(iter_texts(source, limit), cfg.model.vocab_size, path)
     return tok, path
 
 

@@ -2,13 +2,14 @@
 trained-token masks and generation prompts (one implementation for all tokenizer kinds)."""
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 from moejax.errors import UserError
-from moejax.tokenizer import chat_template as ct
+import moejax.tokenizer.chat_template as ct
 
 
-class ChatTokenizer:
+class ChatTokenizer(abc.ABC):
     """Subclasses set `chat_template` (Jinja text or None), `special_tokens` (name -> text, the template
     variables bos_token, eos_token, ...), `stop_ids`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`,
     `path`, and implement `encode`, `decode` and `encode_offsets`."""
@@ -18,15 +19,17 @@ class ChatTokenizer:
     stop_ids: tuple[int, ...] = ()
     path: str = "<memory>"
 
+    @abc.abstractmethod
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        raise NotImplementedError
+        """(the subclass's tokenizer library)"""
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        raise NotImplementedError
+        """(the subclass's tokenizer library)"""
 
+    @abc.abstractmethod
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of `text` (no added BOS/EOS) and each token's character span in `text`."""
-        raise NotImplementedError
 
     # -- chat -------------------------------------------------------------------------------------
 
@@ -48,8 +51,9 @@ class ChatTokenizer:
         """The text of the stop ids (eos and end-of-turn markers): what a trained turn ends with."""
         return [self.id_to_token(i) for i in self.stop_ids if self.id_to_token(i) is not None]
 
+    @abc.abstractmethod
     def id_to_token(self, i: int) -> str | None:
-        raise NotImplementedError
+        """(the subclass's tokenizer library)"""
 
     def apply_chat_template(self, messages: Any, add_generation_prompt: bool = False,
                             chat_template: str | None = None) -> str:
