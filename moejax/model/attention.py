@@ -200,24 +200,31 @@ class Attention(nnx.Module):
             y = norm(y.reshape(*shape[:2], -1)).reshape(shape)
         return y
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
-                 ) -> jax.Array:
-        dt = x_btd.dtype
+    def qkv(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B, T, n, hd], k and v [B, T, kv, hd], RoPE applied (also what the KV cache stores)."""
         q = self._project(x_btd, self.wq, self.bq, self.q_norm)
         k = self._project(x_btd, self.wk, self.bk, self.k_norm)
         v = self._project(x_btd, self.wv, self.bv, None)
-        q = apply_rope(q, positions_bt, *self.rope.tables())
-        k = apply_rope(k, positions_bt, *self.rope.tables())
-        out = attend(q, k, v, segment_ids_bt, positions_bt, self.spec)
+        return (apply_rope(q, positions_bt, *self.rope.tables()),
+                apply_rope(k, positions_bt, *self.rope.tables()), v)
+
+    def combine(self, x_btd: jax.Array, out_btnh: jax.Array) -> jax.Array:
+        """The output projection; with attention experts, each expert's heads gated by the router."""
+        dt = x_btd.dtype
         wo = self.wo[...].astype(dt)
         if self.router is None:
-            return jnp.einsum("btnh,nhd->btd", out, wo)
+            return jnp.einsum("btnh,nhd->btd", out_btnh, wo)
         e = self.router.shape[1]
-        b, t, n, hd = out.shape
-        per_expert = jnp.einsum("btenh,enhd->bted", out.reshape(b, t, e, n // e, hd),
+        b, t, n, hd = out_btnh.shape
+        per_expert = jnp.einsum("btenh,enhd->bted", out_btnh.reshape(b, t, e, n // e, hd),
                                 wo.reshape(e, n // e, hd, -1))
         gates = expert_gates(x_btd, self.router[...], self.top_k) * self.expert_scale
         return jnp.einsum("bted,bte->btd", per_expert, gates.astype(dt))
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array
+                 ) -> jax.Array:
+        q, k, v = self.qkv(x_btd, positions_bt)
+        return self.combine(x_btd, attend(q, k, v, segment_ids_bt, positions_bt, self.spec))
 
 
 # Hugging Face DeepseekV3RMSNorm(q_lora_rank / kv_lora_rank) is built with its default epsilon.

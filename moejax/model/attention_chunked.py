@@ -68,6 +68,18 @@ def chunked_attention(q, k, v, seg, pos, scale: float, window: int | None, block
     return _forward(q, k, v, seg, pos, scale, window, block_q, block_kv)[0]
 
 
+def _key_block_scores(qb, sq, pq, iq, kp, vp, seg_k, pos_k, j, bk, window, scale):
+    """Key block j: its keys and values, the [B, 1, 1, bq, bk] mask against query block (sq, pq, iq), and the
+    float32 scores q k^T * scale (the same in the forward and the recomputing backward)."""
+    kb = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
+    vb = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
+    sk = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
+    pk = jax.lax.dynamic_slice_in_dim(pos_k, j * bk, bk, axis=1)
+    mask = _block_mask(sq, pq, iq, sk, pk, j * bk + jnp.arange(bk), window)[:, None, None]
+    s = jnp.einsum("bkgqh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+    return kb, vb, mask, s
+
+
 def _forward(q, k, v, seg, pos, scale, window, block_q, block_kv):
     b, t, n, _ = q.shape
     vd = v.shape[-1]
@@ -83,12 +95,7 @@ def _forward(q, k, v, seg, pos, scale, window, block_q, block_kv):
 
         def body(j, carry):
             m, l, acc = carry
-            kb = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
-            sk = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
-            pk = jax.lax.dynamic_slice_in_dim(pos_k, j * bk, bk, axis=1)
-            mask = _block_mask(sq, pq, iq, sk, pk, j * bk + jnp.arange(bk), window)[:, None, None]
-            s = jnp.einsum("bkgqh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+            kb, vb, mask, s = _key_block_scores(qb, sq, pq, iq, kp, vp, seg_k, pos_k, j, bk, window, scale)
             s = jnp.where(mask, s, _NEG)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -141,12 +148,7 @@ def _bwd(scale, window, block_q, block_kv, res, do):
 
         def body(j, inner):
             dq, dk, dv = inner
-            kb = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
-            sk = jax.lax.dynamic_slice_in_dim(seg_k, j * bk, bk, axis=1)
-            pk = jax.lax.dynamic_slice_in_dim(pos_k, j * bk, bk, axis=1)
-            mask = _block_mask(sq, pq, iq, sk, pk, j * bk + jnp.arange(bk), window)[:, None, None]
-            s = jnp.einsum("bkgqh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
+            kb, vb, mask, s = _key_block_scores(qb, sq, pq, iq, kp, vp, seg_k, pos_k, j, bk, window, scale)
             p = jnp.where(mask, jnp.exp(s - lb[..., None]), 0.0)
             # The forward multiplies v by p in v's dtype; its gradient flows through that cast.
             p_v = p.astype(vb.dtype)

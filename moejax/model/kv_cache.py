@@ -1,7 +1,7 @@
 """KV-cache forward pass for decoding (registry `CACHED_ATTENTIONS`, keyed like `model.attention`).
 
 A separate code path next to the training forward: it reads the same parameters and calls the same
-pieces (projections, RoPE, `grouped_attention`, expert gates), but writes each new token's keys and
+pieces (`Attention.qkv`, `grouped_attention`, `Attention.combine`), but writes each new token's keys and
 values into a fixed-size per-layer cache and attends over that cache. The cache length is the
 decode buffer (prompt bucket + max_new), not the training seq_len.
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.attention import apply_rope, expert_gates, grouped_attention
+from moejax.model.attention import grouped_attention
 from moejax.registry import Registry
 
 Cache = dict[str, jax.Array]
@@ -54,23 +54,11 @@ def _gqa_shapes(cfg, batch: int, length: int) -> dict[str, tuple[int, ...]]:
 @CACHED_ATTENTIONS.register("gqa")
 def _gqa_cached(attn, x_btd, positions_bt, cache: Cache) -> tuple[jax.Array, Cache]:
     dt = x_btd.dtype
-    q = attn._project(x_btd, attn.wq, attn.bq, attn.q_norm)
-    k = attn._project(x_btd, attn.wk, attn.bk, attn.k_norm)
-    v = attn._project(x_btd, attn.wv, attn.bv, None)
-    q = apply_rope(q, positions_bt, *attn.rope.tables())
-    k = apply_rope(k, positions_bt, *attn.rope.tables())
+    q, k, v = attn.qkv(x_btd, positions_bt)
     cache = {"k": _write(cache["k"], k, positions_bt), "v": _write(cache["v"], v, positions_bt)}
     mask = cache_mask(positions_bt, cache["k"].shape[1], attn.spec.window)
     out = grouped_attention(q, cache["k"].astype(dt), cache["v"].astype(dt), mask, attn.spec.scale)
-    wo = attn.wo[...].astype(dt)
-    if attn.router is None:
-        return jnp.einsum("btnh,nhd->btd", out, wo), cache
-    e = attn.router.shape[1]
-    b, t, n, hd = out.shape
-    per_expert = jnp.einsum("btenh,enhd->bted", out.reshape(b, t, e, n // e, hd),
-                            wo.reshape(e, n // e, hd, -1))
-    gates = expert_gates(x_btd, attn.router[...], attn.top_k) * attn.expert_scale
-    return jnp.einsum("bted,bte->btd", per_expert, gates.astype(dt)), cache
+    return attn.combine(x_btd, out), cache
 
 
 @CACHE_SHAPES.register("mla")
