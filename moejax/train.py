@@ -256,6 +256,8 @@ def train(cfg: Config) -> dict[str, Any]:
     mesh = parallel.make_mesh(cfg)
     workdir = prepare_workdir(cfg)
     train_src, eval_src, tokenizer = _prepare_data(cfg, workdir)
+    # The teacher is checked (vocabulary, tokenizer) before the checkpoint directory is made.
+    teacher = distill.load_teacher(cfg) if distill.active(cfg) else None
     packer = make_packer(cfg, train_src, tokenizer, shard_index=jax.process_index(),
                          shard_count=jax.process_count())
     eval_batches = validation_batches(cfg, eval_src, tokenizer)
@@ -276,7 +278,6 @@ def train(cfg: Config) -> dict[str, Any]:
           f"({flops_lib.matmul_params_per_token(cfg.model) / 1e6:.2f}M active matmul params/token); "
           f"{jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
 
-    teacher = distill.load_teacher(cfg) if distill.active(cfg) else None
     train_step = jit_train_step(graphdef, optimizer, cfg, state, mesh, teacher, start)
     eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
