@@ -230,3 +230,17 @@ def test_after_stop_step_training_is_plain_and_the_teacher_is_not_called(step_se
     resumed = distill.staged(kd, plain, t_params, 2, start=3)  # a run resumed past stop_step
     resumed(fresh(), batches[0])
     assert len(calls) == 2
+
+
+def test_usage_pruning_ranks_by_routed_weight_not_slot_count():
+    """Expert 1 is chosen most often but always as a weak second choice; expert 0 carries the
+    most output. Usage pruning (routed weight) keeps 0; MC-SMoE's frequency (slots) ranks 1 first."""
+    from moejax.analyze.stats import RoutingTally
+
+    tally = RoutingTally(["a"], [3], np.array([0, 8]))
+    gates = np.array([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.0, 0.6, 0.4]])
+    tally.add([0, 0, 0], [0, 0, 0], [1, 2, 3], [0, 1, 9], [(gates, gates)])
+    np.testing.assert_allclose(common.routed_weight(tally)[0], [1.8, 0.8, 0.4])
+    np.testing.assert_array_equal(common.usage(tally)[0], [2, 3, 1])
+    assert prune.by_usage(common.routed_weight(tally), [1]) == [[0]]
+    assert prune.by_usage(common.usage(tally), [1]) == [[1]]

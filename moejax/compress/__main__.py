@@ -52,7 +52,7 @@ def run_prune(args) -> int:
     kw = dict(ks=ks, num_experts=common.experts_per_layer(cfg), seed=args.seed, cfg=cfg, params=params)
     if args.method in ("usage", "reconstruction"):
         seqs, dom, names, tally = _calibrate(args, cfg, model, tok)
-        kw["usage"] = common.usage(tally)
+        kw["usage"] = common.routed_weight(tally)
         if args.method == "reconstruction":
             kw["io"] = common.moe_io(model, *common.batch_sequences(seqs, cfg.data.seq_len))
     keep = prune.SELECTORS.get(args.method)(**kw)

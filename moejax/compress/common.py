@@ -134,8 +134,16 @@ def routing_tally(model: nnx.Module, seqs, dom, names, seq_len: int):
 
 
 def usage(tally) -> list[np.ndarray]:
-    """Per MoE layer: routed slots per expert over all calibration tokens."""
+    """Per MoE layer: routed slots per expert over all calibration tokens (activation frequency,
+    what MC-SMoE ranks and weights by)."""
     return [s.sum(0).astype(np.float64) for s in tally.slots]
+
+
+def routed_weight(tally) -> list[np.ndarray]:
+    """Per MoE layer: the sum over calibration tokens of each expert's combine weight (its gate
+    when routed, else 0): the share of the layer's output the expert carries. Usage pruning ranks
+    by this: a slot count weighs a 0.9 first choice and a 0.1 second choice alike."""
+    return [g.sum((0, 1)) for g in tally.gate_pos]
 
 
 def batch_sequences(seqs, seq_len: int):

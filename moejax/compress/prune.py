@@ -1,7 +1,8 @@
 """Expert pruning: keep K of each MoE layer's E experts, slicing the router's columns alike.
 
 Which experts stay is a registered `SELECTORS` method:
-- `usage`: the K most-routed experts on calibration data (least-used dropped);
+- `usage`: the K most-used experts on calibration data, usage being the routed weight (the sum of
+  the expert's combine weights over the calibration tokens; least-used dropped);
 - `reconstruction`: NAEE (Lu et al. 2024, "Not All Experts are Equal", arXiv:2402.14800): per
   layer, given the block's input X and routed output Z on calibration tokens, the K-subset whose
   output with the other experts masked out (the router renormalised over the kept ones) is
@@ -47,7 +48,7 @@ def prune(cfg: Config, params: Params, keep: Sequence[Sequence[int]]) -> tuple[C
 
 @SELECTORS.register("usage")
 def by_usage(usage: Sequence[np.ndarray], ks: Sequence[int], **_) -> list[list[int]]:
-    """Per layer the K experts with the most routed slots (ties: the lower index)."""
+    """Per layer the K experts of the largest usage (`common.routed_weight`; ties: the lower index)."""
     return [sorted(np.argsort(-np.asarray(u), kind="stable")[:k].tolist()) for u, k in zip(usage, ks)]
 
 
