@@ -49,6 +49,14 @@ def test_capped_ragged_buffer_drops_and_counts(checks):
     assert r["dropped"] == r["want_dropped"] and sum(r["dropped"]) > 0
 
 
+def test_padded_exchange_drops_nothing_with_slots_sized_to_the_load(checks):
+    r = checks["padded_slots"]
+    for name, case in r["results"].items():
+        assert case["max_abs_diff"] == 0.0 and case["dropped"] == [0] * 4, (name, case)
+    assert r["buckets"] == [4, 6, 9, 13, 16]  # 16 rows over 4 devices: the average 4 grown by sqrt(2) to 16
+    assert r["a2a_slot_sizes"] == r["buckets"]
+
+
 def test_drop_duplicate_tokens_halves_all_to_all_bytes(checks):
     for dispatch_name, r in checks["ted_bytes"]["results"].items():
         assert r["False"]["a2a_bytes"] > 0, dispatch_name

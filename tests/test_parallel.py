@@ -94,24 +94,26 @@ def run_cases(cases: list[dict]) -> list[dict]:
 @pytest.mark.slow
 def test_exchange_variants_train_the_one_device_losses():
     """Issue 16 on 8 simulated devices, one subprocess: ragged dropless EP (data 2 x expert 4),
-    the 2D hierarchical all-to-all (expert 8, 4 per node), DeepSpeed-TED (expert 4 x tensor 2),
-    dynamic capacity; and a capped ragged buffer whose drops show in dropped_fraction."""
+    the 2D hierarchical all-to-all (expert 8, 4 per node, padded slots), DeepSpeed-TED (expert 4 x
+    tensor 2, capacity and dropless with padded slots), dynamic capacity; and a capped ragged buffer whose drops show in dropped_fraction."""
     cases = [
         {"mesh": {"data": 2, "expert": 4}, "sets": ["model.moe.dispatch=dropless", "model.moe.ep_exchange=ragged"]},
         {"mesh": {"data": 1, "expert": 8}, "sets": ["model.moe.dispatch=dropless", "model.moe.a2a_local_size=4"]},
         {"mesh": {"data": 1, "expert": 4, "tensor": 2},
          "sets": ["model.moe.dispatch=capacity", "model.moe.drop_duplicate_tokens=true"]},
         {"mesh": {"data": 2, "expert": 4}, "sets": ["model.moe.dispatch=capacity", "model.moe.capacity_factor=0"]},
+        {"mesh": {"data": 1, "expert": 4, "tensor": 2},
+         "sets": ["model.moe.dispatch=dropless", "model.moe.drop_duplicate_tokens=true"]},
         {"mesh": {"data": 2, "expert": 4},
          "sets": ["model.moe.dispatch=dropless", "model.moe.ep_exchange=ragged", "model.moe.ep_buffer_factor=0.25"]},
     ]
     rows = run_cases(cases)
     assert len(rows) == len(cases)
-    for r in rows[:4]:
+    for r in rows[:5]:
         assert r["losses"] == pytest.approx(r["ref_losses"], abs=2e-4), r
         assert r["max_param_diff"] < 1e-4, r
         assert r["compiles"] == 1, r
         assert r["dropped"] == [0.0] * 3 == r["ref_dropped"], r
-    capped = rows[4]
+    capped = rows[5]
     assert all(d > 0 for d in capped["dropped"]), capped  # counted and logged, never silent
     assert capped["ref_dropped"] == [0.0] * 3

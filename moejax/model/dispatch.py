@@ -87,12 +87,7 @@ def dynamic_capacity_buckets(num_tokens: int, num_assignments: int, num_experts:
     """The static capacities `capacity_factor = 0` chooses from: the average load ceil(N / E)
     doubled until one expert could take every token (the most it can receive from one device),
     so a run compiles one switch over these few sizes and never drops (Tutel's dynamic capacity)."""
-    c = max(1, math.ceil(num_assignments / num_experts))
-    out = []
-    while c < num_tokens:
-        out.append(c)
-        c *= 2
-    return tuple(out) + (num_tokens,)
+    return exchange.size_buckets(math.ceil(num_assignments / num_experts), num_tokens)
 
 
 def _expert_swiglu(buf_ecd: jax.Array, experts: ExpertWeights) -> jax.Array:
@@ -204,8 +199,9 @@ def expert_parallel_ffn(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWei
     """Rows to their experts' owner devices, grouped FFN there, results back (inside shard_map).
     Returns (y_nd, rows dropped by this device's exchange).
 
-    `ep.exchange = padded`: one fixed-shape all-to-all whose slot per destination holds up to N
-    rows (in the worst case every row goes to one device), so nothing is ever dropped.
+    `ep.exchange = padded`: one fixed-shape all-to-all whose slot per destination is sized to
+    this step's largest device-to-device load (rounded up to a bucket, `exchange.padded_exchange`), so
+    nothing is ever dropped and the buffers follow the real load.
     `ragged`: `ragged_all_to_all` of the real rows (`exchange.ragged_exchange`).
     Under DeepSpeed-TED each tensor rank sends 1/t of the (identical) rows and the outputs are
     all-gathered over `tensor` after."""
@@ -218,7 +214,6 @@ def expert_parallel_ffn(x_nd: jax.Array, expert_n: jax.Array, experts: ExpertWei
 
 
 def _exchange_rows(x_nd, expert_n, experts: ExpertWeights, cfg: MoEConfig, ep: ExpertAxis, valid=None):
-    n, d = x_nd.shape
     e_local = experts.w_gate.shape[0]
 
     def compute(rows, local_e):
@@ -228,15 +223,4 @@ def _exchange_rows(x_nd, expert_n, experts: ExpertWeights, cfg: MoEConfig, ep: E
         expert_n = jnp.where(valid, expert_n, ep.size * e_local)
     if ep.exchange == "ragged":
         return exchange.ragged_exchange(x_nd, expert_n, e_local, ep, compute)
-    owner = jnp.minimum(expert_n // e_local, ep.size - 1)
-    local = jnp.where(expert_n < ep.size * e_local, expert_n % e_local, e_local)
-    # Position of each row among the rows for the same owner, in row order.
-    onehot = jax.nn.one_hot(owner, ep.size, dtype=jnp.int32)
-    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), owner[:, None], axis=1)[:, 0] - 1
-    send = jnp.zeros((ep.size, n, d), x_nd.dtype).at[owner, pos].set(x_nd, unique_indices=True)
-    send_e = jnp.full((ep.size, n), e_local, jnp.int32).at[owner, pos].set(local)
-    recv = exchange.all_to_all(send, ep)
-    recv_e = exchange.all_to_all(send_e, ep)
-    out = compute(recv.reshape(ep.size * n, d), recv_e.reshape(-1))
-    back = exchange.all_to_all(out.reshape(ep.size, n, d), ep)
-    return back[owner, pos], jnp.zeros((), jnp.int32)
+    return exchange.padded_exchange(x_nd, expert_n, e_local, ep, compute)

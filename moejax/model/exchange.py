@@ -5,6 +5,7 @@ Every function here moves data only; the expert math stays in `moejax.model.disp
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -51,6 +52,72 @@ def all_to_all(x: jax.Array, ep: ExpertAxis) -> jax.Array:
     y = jax.lax.all_to_all(y, ep.name, 0, 0, axis_index_groups=intra)  # [G src local, N dest node]
     y = jax.lax.all_to_all(y.swapaxes(0, 1), ep.name, 0, 0, axis_index_groups=inter)
     return y.reshape(w, *rest)  # [N src node, G src local] = source device order
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded exchange: fixed-shape slots sized to the step's real load.
+
+
+def size_buckets(smallest: int, largest: int, growth: float = 2.0) -> tuple[int, ...]:
+    """The static sizes a data-dependent buffer is rounded up to: `smallest` grown by `growth`
+    (rounded up) while below `largest`, then `largest`. One `lax.switch` over them compiles each
+    size once; the last is the worst case, so nothing is ever dropped."""
+    out, c = [], max(1, smallest)
+    while c < largest:
+        out.append(c)
+        c = max(c + 1, math.ceil(c * growth))
+    return tuple(out) + (largest,)
+
+
+# Growth of the padded exchange's slot sizes: sqrt(2) wastes at most ~41% of a slot, in
+# 2 * log2(W) + 1 compiled sizes (7 for W = 8).
+PADDED_SLOT_GROWTH = math.sqrt(2.0)
+
+
+def padded_slot_buckets(n: int, w: int) -> tuple[int, ...]:
+    """Slot sizes of the padded exchange: from the average rows per destination ceil(n / W) up to
+    n (every row bound for one device)."""
+    return size_buckets(math.ceil(n / w), n, PADDED_SLOT_GROWTH)
+
+
+def padded_exchange(x_nd: jax.Array, expert_n: jax.Array, e_local: int, ep: ExpertAxis,
+                    compute: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Rows to their experts' owners and `compute(rows, local_expert)`'s results back
+    (local_expert = e_local marks a padding row), by one fixed-shape all-to-all each way with a
+    slot of C rows per destination. C is the largest number of rows any device of the exchange
+    sends to any one device this step, rounded up to a `padded_slot_buckets` size (a
+    `lax.switch`, every size compiled once). C >= every device's need, so nothing is dropped:
+    dropless at a cost that follows the real load, not the worst case W * N. Rows whose expert is
+    E_total (TED padding) are sent nowhere; their output is 0. Returns (y_nd, 0 dropped)."""
+    n, d = x_nd.shape
+    w = ep.size
+    live = expert_n < w * e_local
+    owner = jnp.where(live, expert_n // e_local, 0)
+    local = jnp.where(live, expert_n % e_local, e_local)
+    # Position of each row among the rows for the same owner, in row order.
+    onehot = jax.nn.one_hot(owner, w, dtype=jnp.int32) * live[:, None]
+    cum = jnp.cumsum(onehot, axis=0)
+    pos = jnp.take_along_axis(cum, owner[:, None], axis=1)[:, 0] - 1
+    need = jnp.max(cum[-1]) if n else jnp.zeros((), jnp.int32)
+    # Every device whose collectives meet inside the switch must take the same branch.
+    need = jax.lax.pmax(need, (ep.name, ep.ted_axis) if ep.ted_axis else ep.name)
+
+    def at(c: int, x_nd):
+        slot = jnp.where(live, pos, c)  # c: out of range, not written
+        send = jnp.zeros((w, c, d), x_nd.dtype).at[owner, slot].set(x_nd, mode="drop", unique_indices=True)
+        send_e = jnp.full((w, c), e_local, jnp.int32).at[owner, slot].set(local, mode="drop")
+        recv = all_to_all(send, ep)
+        recv_e = all_to_all(send_e, ep)
+        out = compute(recv.reshape(w * c, d), recv_e.reshape(-1))
+        back = all_to_all(out.reshape(w, c, d), ep)
+        return jnp.where(live[:, None], back[owner, jnp.minimum(slot, c - 1)], 0)
+
+    buckets = padded_slot_buckets(n, w)
+    if len(buckets) == 1:
+        return at(buckets[0], x_nd), jnp.zeros((), jnp.int32)
+    idx = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left"), len(buckets) - 1)
+    y = jax.lax.switch(idx, [functools.partial(at, c) for c in buckets], x_nd)
+    return y, jnp.zeros((), jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
