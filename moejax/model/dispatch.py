@@ -149,9 +149,8 @@ def capacity_dispatch(x_td, experts: ExpertWeights, r: Routing, cfg: MoEConfig,
     load = jnp.max(cum[-1]) if n else jnp.zeros((), jnp.int32)
     if ep:
         load = jax.lax.pmax(load, ep.name)  # every device of the exchange must pick the same size
-    idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), load, side="left")
-    branches = [lambda x, c=c: _capacity_dispatch_at(c, x, experts, r, e, pos, live, ep) for c in buckets]
-    return jax.lax.switch(jnp.minimum(idx, len(buckets) - 1), branches, x_td)
+    return exchange.bucketed(lambda c, x: _capacity_dispatch_at(c, x, experts, r, e, pos, live, ep),
+                             buckets, load, x_td)
 
 
 def grouped_ffn(cfg: MoEConfig) -> Callable[..., jax.Array]:

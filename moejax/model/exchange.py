@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,15 +69,15 @@ def size_buckets(smallest: int, largest: int, growth: float = 2.0) -> tuple[int,
     return tuple(out) + (largest,)
 
 
-# Growth of the padded exchange's slot sizes: sqrt(2) wastes at most ~41% of a slot, in
+# Growth of the exchange buffers' bucket sizes: sqrt(2) wastes at most ~41% of a buffer, in
 # 2 * log2(W) + 1 compiled sizes (7 for W = 8).
-PADDED_SLOT_GROWTH = math.sqrt(2.0)
+SLOT_GROWTH = math.sqrt(2.0)
 
 
 def padded_slot_buckets(n: int, w: int) -> tuple[int, ...]:
     """Slot sizes of the padded exchange: from the average rows per destination ceil(n / W) up to
     n (every row bound for one device)."""
-    return size_buckets(math.ceil(n / w), n, PADDED_SLOT_GROWTH)
+    return size_buckets(math.ceil(n / w), n, SLOT_GROWTH)
 
 
 def padded_exchange(x_nd: jax.Array, expert_n: jax.Array, e_local: int, ep: ExpertAxis,
@@ -112,12 +112,19 @@ def padded_exchange(x_nd: jax.Array, expert_n: jax.Array, e_local: int, ep: Expe
         back = all_to_all(out.reshape(w, c, d), ep)
         return jnp.where(live[:, None], back[owner, jnp.minimum(slot, c - 1)], 0)
 
-    buckets = padded_slot_buckets(n, w)
-    if len(buckets) == 1:
-        return at(buckets[0], x_nd), jnp.zeros((), jnp.int32)
-    idx = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left"), len(buckets) - 1)
-    y = jax.lax.switch(idx, [functools.partial(at, c) for c in buckets], x_nd)
+    y = bucketed(at, padded_slot_buckets(n, w), need, x_nd)
     return y, jnp.zeros((), jnp.int32)
+
+
+def bucketed(fn: Callable, buckets: Sequence[int], need: jax.Array, *args):
+    """`fn(size, *args)` at the smallest of the static `buckets` >= `need` (the last if none is),
+    as one `lax.switch`. Each branch is rematerialised (`jax.checkpoint`): differentiating a switch
+    otherwise makes every branch return the residuals of all of them, zero-filled for the branches
+    not taken, which cost more than the whole exchange (measured in benchmarks/expert_parallel.py)."""
+    if len(buckets) == 1:
+        return fn(buckets[0], *args)
+    idx = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets, jnp.int32), need, side="left"), len(buckets) - 1)
+    return jax.lax.switch(idx, [jax.checkpoint(functools.partial(fn, c)) for c in buckets], *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,27 +197,46 @@ def ragged_exchange(x_nd: jax.Array, expert_n: jax.Array, e_local: int, ep: Expe
     n, d = x_nd.shape
     w = ep.size
     me = jax.lax.axis_index(ep.name)
-    m = ragged_buffer_rows(n, ep)
     order = jnp.argsort(expert_n, stable=True)
     counts = jnp.bincount(expert_n, length=w * e_local).astype(jnp.int32)
     sizes = jax.lax.all_gather(counts, ep.name).reshape(w, w, e_local)   # [src, dst, local expert]
     pair = sizes.sum(-1)                                                 # [src, dst] rows
     dst_off = _exclusive_cumsum(pair, 0)          # where src's block starts in dst's buffer
     src_off = _exclusive_cumsum(pair, 1)          # where src's rows for dst start in src's sorted rows
-    kept_pair = jnp.clip(m - dst_off, 0, pair)    # what fits the receiver's buffer
-    kept = jnp.clip(kept_pair[..., None] - _exclusive_cumsum(sizes, 2), 0, sizes)
-    recv = ragged_all_to_all(x_nd[order], jnp.zeros((m, d), x_nd.dtype), src_off[me], kept_pair[me],
-                             dst_off[me], kept_pair[:, me], axis_name=ep.name)
-    # Local expert of each received row: blocks by source, inside each by local expert.
-    ends = (dst_off[:, me][:, None] + jnp.cumsum(kept[:, me, :], -1)).reshape(-1)
-    rows = jnp.arange(m)
-    group = jnp.searchsorted(ends, rows, side="right")
-    local = jnp.where(rows < jnp.sum(kept_pair[:, me]), group % e_local, e_local).astype(jnp.int32)
-    out = compute(recv, local)
-    back = ragged_all_to_all(out, jnp.zeros((n, d), out.dtype), dst_off[:, me], kept_pair[:, me],
-                             src_off[:, me], kept_pair[me], axis_name=ep.name)
+    # The receive buffer: the largest receiver's rows this step, rounded up to a bucket (a
+    # `lax.switch`), within the configured cap. The counts are the same on every device of the
+    # exchange; under TED the tensor ranks, whose collectives meet in `compute`, must agree too.
+    need = jnp.max(pair.sum(0))
+    if ep.ted_axis:
+        need = jax.lax.pmax(need, ep.ted_axis)
+    x_sorted = x_nd[order]
+
+    def at(m: int, x_sorted):
+        kept_pair = jnp.clip(m - dst_off, 0, pair)    # what fits the receiver's buffer
+        kept = jnp.clip(kept_pair[..., None] - _exclusive_cumsum(sizes, 2), 0, sizes)
+        recv = ragged_all_to_all(x_sorted, jnp.zeros((m, d), x_nd.dtype), src_off[me], kept_pair[me],
+                                 dst_off[me], kept_pair[:, me], axis_name=ep.name)
+        # Local expert of each received row: blocks by source, inside each by local expert.
+        ends = (dst_off[:, me][:, None] + jnp.cumsum(kept[:, me, :], -1)).reshape(-1)
+        rows = jnp.arange(m)
+        group = jnp.searchsorted(ends, rows, side="right")
+        local = jnp.where(rows < jnp.sum(kept_pair[:, me]), group % e_local, e_local).astype(jnp.int32)
+        out = compute(recv, local)
+        back = ragged_all_to_all(out, jnp.zeros((n, d), out.dtype), dst_off[:, me], kept_pair[:, me],
+                                 src_off[:, me], kept_pair[me], axis_name=ep.name)
+        return back, (jnp.sum(pair[me]) - jnp.sum(kept_pair[me])).astype(jnp.int32)
+
+    back, dropped = bucketed(at, ragged_buffer_buckets(n, ep), need, x_sorted)
     y = jnp.zeros_like(back).at[order].set(back, unique_indices=True)
-    return y, (n - jnp.sum(kept_pair[me])).astype(jnp.int32)
+    return y, dropped
+
+
+def ragged_buffer_buckets(num_rows: int, ep: ExpertAxis) -> tuple[int, ...]:
+    """Receive-buffer sizes of the ragged exchange: from the average (num_rows: each device
+    receives as many rows as it sends, on average) grown by sqrt(2) up to `ragged_buffer_rows`
+    (the worst case, or the `buffer_factor` cap)."""
+    cap = ragged_buffer_rows(num_rows, ep)
+    return size_buckets(min(num_rows, cap), cap, SLOT_GROWTH)
 
 
 # ---------------------------------------------------------------------------------------------
