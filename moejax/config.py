@@ -148,7 +148,7 @@ class ModelConfig:
     attention: str = _f("gqa", "Attention, from the attention registry: gqa (grouped-query, Llama) or "
                         "mla (multi-head latent attention, DeepSeek-V2/V3).")
     attention_impl: str = _f("auto", "How softmax(q k^T) v is computed (moejax.model.attention_impl): "
-                             "auto (TPU splash; GPU cudnn, else pallas_gpu; CPU xla below 2048 tokens, "
+                             "auto (TPU splash; GPU cudnn, else pallas_gpu; CPU xla below 1024 tokens, "
                              "chunked from there), xla (dense), chunked (blockwise, every backend), "
                              "splash (Pallas TPU), pallas_gpu (Pallas Triton) or cudnn (GPU, bf16).")
     attention_block_q: int = _f(512, "Query rows per block of the chunked / splash / pallas_gpu "

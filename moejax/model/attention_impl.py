@@ -26,9 +26,9 @@ from moejax.errors import UserError
 from moejax.model.attention_chunked import chunked_attention
 from moejax.registry import Registry
 
-# CPU: from this sequence length on, `auto` picks `chunked` (docs/benchmarks.md, "Attention
-# implementations": measured crossover of the train step's time and memory on the 2-core VM).
-CPU_CHUNKED_FROM = 2048
+# CPU: from this sequence length on, `auto` picks `chunked` (docs/benchmarks.md, "Attention memory":
+# the measured crossover of the train step's time on the 2-core VM; memory favours chunked earlier).
+CPU_CHUNKED_FROM = 1024
 
 
 class AttnSpec(NamedTuple):
