@@ -54,3 +54,20 @@ def test_teacher_with_another_vocabulary_is_one_clear_line(runs, tfds_dir):
     with pytest.raises(UserError, match="vocab_size = 320, the student 384"):
         train(cfg)
     assert not os.path.exists(root / "student" / "checkpoints")
+
+
+def test_moe_teacher_distils_into_a_dense_student(runs, tfds_dir):
+    """MoE -> dense: the upcycled 8-expert run teaches a dense student (staged: KD for step 0 only)."""
+    root, dense, up = runs
+    wd = str(root / "dense_student")
+    final = train(run_cfg(tfds_dir, wd, *DENSE[:1], "train.steps=2", "train.eval_every=2", "train.save_every=2",
+                          f"data.tokenizer={os.path.join(dense, 'tokenizer.model')}",
+                          f"train.distill.teacher={up}", "train.distill.alpha=0.5", "train.distill.stop_step=1"))
+    assert final["eval_loss"] > 0 and os.path.isdir(os.path.join(wd, "checkpoints"))
+
+
+def test_domain_the_data_does_not_have_is_one_clear_line(runs):
+    root, _, up = runs
+    with pytest.raises(UserError, match="--domain 'poetry' is not in the calibration data; its domains are"):
+        compress(["extract", up, str(root / "poetry"), "--domain", "poetry", "--keep", "4", "--tokens", "256"])
+    assert not os.path.exists(root / "poetry")
