@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+from datetime import datetime
 
 import sentencepiece as spm
 import transformers
@@ -236,8 +237,26 @@ def record(name, d, markers_extra=()):
     return out
 
 
+# The day templates that print today's date (Llama-3.1/3.2: strftime_now) are rendered on, so a
+# regeneration reproduces the recorded texts; the tests render on the same day.
+RENDER_DATE = datetime(2026, 12, 2)
+
+
+def freeze_render_date() -> None:
+    """transformers' `strftime_now` formats `datetime.now()` of its chat-template module."""
+    import transformers.utils.chat_template_utils as ctu
+
+    class _RenderDay(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return RENDER_DATE
+
+    ctu.datetime = _RenderDay
+
+
 def main() -> int:
     global LLAMA32, QWEN25
+    freeze_render_date()
     os.makedirs(OUT, exist_ok=True)
     LLAMA32 = open(os.path.join(OUT, "llama32.jinja"), encoding="utf-8").read()
     QWEN25 = open(os.path.join(OUT, "qwen25.jinja"), encoding="utf-8").read()
@@ -291,7 +310,7 @@ def main() -> int:
     }
     shutil.rmtree(work)
     expected = {"versions": {"transformers": transformers.__version__, "tokenizers": __import__("tokenizers").__version__},
-                "chats": CHATS, "prompts": PROMPTS, "dirs": {}}
+                "render_date": RENDER_DATE.date().isoformat(), "chats": CHATS, "prompts": PROMPTS, "dirs": {}}
     for name, d in dirs.items():
         expected["dirs"][name] = record(name, d)
         # How far transformers is from the raw tokenizers library on this directory (for the docs).

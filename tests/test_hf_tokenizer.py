@@ -1,6 +1,7 @@
 """moejax.tokenizer.load on Hugging Face tokenizer directories against transformers' own outputs,
 recorded by tests/make_tokenizer_fixtures.py in tests/fixtures/tokenizers/expected.json: ids (with and
 without special tokens), decodes, rendered chats, generation prompts, trained-token masks, refusals."""
+import datetime
 import json
 import os
 import shutil
@@ -10,11 +11,30 @@ import pytest
 from moejax import tokenizer as tokenizer_lib
 from moejax.errors import UserError
 from moejax.tokenizer import ChatTemplateError
+from moejax.tokenizer import chat_template
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "tokenizers")
 with open(os.path.join(FIXTURES, "expected.json"), encoding="utf-8") as f:
     EXPECTED = json.load(f)
 DIRS = sorted(EXPECTED["dirs"])
+
+
+@pytest.fixture(autouse=True)
+def render_on_the_fixtures_day(monkeypatch):
+    """Templates that print today's date (Llama-3.1/3.2) render on the day transformers rendered
+    the fixtures (make_tokenizer_fixtures.RENDER_DATE), not on the day the tests run."""
+    day = datetime.datetime.fromisoformat(EXPECTED["render_date"])
+    monkeypatch.setattr(chat_template, "clock", lambda: day)
+
+
+def test_strftime_now_formats_the_clock(monkeypatch):
+    """The fixtures' day is a test setting: the runtime formats the current time."""
+    monkeypatch.undo()
+    before = datetime.datetime.now().strftime("%d %b %Y")
+    text = tokenizer_lib.load(os.path.join(FIXTURES, "llama32")).apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    after = datetime.datetime.now().strftime("%d %b %Y")
+    assert f"Today Date: {before}" in text or f"Today Date: {after}" in text
 
 
 @pytest.fixture(scope="module")

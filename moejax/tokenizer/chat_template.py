@@ -31,6 +31,12 @@ from moejax.registry import Registry
 _TRACK = threading.local()  # (blocks, spans) while a render records its generation spans
 
 
+def clock() -> datetime:
+    """The time `strftime_now` formats (templates such as Llama-3.1's print today's date); one
+    place, so a test can render on the day a reference rendering was made."""
+    return datetime.now()
+
+
 class ChatTemplateError(UserError):
     """A conversation the chat template cannot render or mask: `reason` is a short key to count
     skipped conversations by (template_error, prefix_rewrite, no_assistant_turn, ...)."""
@@ -111,7 +117,7 @@ def _compile(template: str):
                                         extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: clock().strftime(fmt)
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
