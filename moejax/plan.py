@@ -320,6 +320,30 @@ def _activation_parts(cfg: Config, b: int, tensor: int) -> tuple[int, int, int]:
     return act, logits, grouped
 
 
+def _attention_blocks(cfg: Config, b: int, tensor: int) -> int:
+    """Bytes live while one layer's `chunked` attention backward runs (the flash kernels are planned
+    as chunked, see with_planned_attention): float32 copies of the output, its gradient and the
+    query gradient in the block layout, the key and value gradients, and one query block's
+    [b, heads, block_q, block_kv] scores, probabilities and their gradients. 0 for `xla`, whose
+    probabilities are residuals."""
+    m = cfg.model
+    if m.attention_impl != "chunked":
+        return 0
+    t = cfg.data.seq_len
+    if m.attention == "mla":
+        qk, vd = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim, m.mla.v_head_dim
+        heads = kv_heads = m.n_heads
+    else:
+        qk = vd = m.resolved_head_dim
+        heads, kv_heads = m.n_heads, m.n_kv_heads
+    split = tensor if heads % tensor == 0 and kv_heads % tensor == 0 else 1
+    heads, kv_heads = heads // split, kv_heads // split
+    bq, bk = min(m.attention_block_q, t), min(m.attention_block_kv, t)
+    rows = b * t * 4
+    return (rows * heads * (2 * vd + qk) + rows * kv_heads * (qk + vd)
+            + 4 * b * heads * bq * bk * 4)
+
+
 def memory(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     """Estimated peak bytes per device of one training step, by part (see docs/planning.md).
 
@@ -330,9 +354,15 @@ def memory(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     kept, plus one block's residuals while it is recomputed in the backward pass.
     logits: the float32 [b, T, V] logits kept for the loss's backward pass, plus their gradient
     (`train.lm_loss_sum` builds no other [b, T, V] buffer).
-    all_to_all: with mesh.expert > 1, the send and receive buffers of the token exchange; for
-    dropless, whose receive buffer is sized for the worst case, also the grouped FFN's residuals
-    over ep times this device's rows.
+    all_to_all: with mesh.expert > 1, the send and receive buffers of the token exchange. Dropless
+    exchanges run in a `lax.switch` over buffer sizes whose branches are rematerialised
+    (`moejax.model.exchange.bucketed`): per MoE layer only the exchange's input and output rows are
+    kept, and the grouped FFN's residuals leave the activations; while one layer's backward pass
+    recomputes its branch, the largest bucket's receive and result buffers (ep x this device's rows)
+    and the grouped FFN's residuals over them are live, once, after the logits' gradient is freed.
+    attention_blocks: the chunked attention's backward temporaries of one layer (`_attention_blocks`),
+    beyond what the exchange's transient already holds: the attention and the MoE block of a layer
+    run their backward passes one after the other, so the larger of the two is counted.
     fsdp_gathered: FSDP-split weights all-gathered for the forward pass and kept for the backward
     pass, and full-size gradients before their reduce-scatter (one block's worth with remat).
     """
@@ -349,22 +379,26 @@ def memory(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     n_layers = m.n_layers
     n_moe = sum(m.is_moe_layer(i) for i in range(n_layers))
     plain, logits, grouped_b = _activation_parts(_with(cfg, remat=False), b, tensor)
-    logits += b * t * (m.vocab_size // (tensor if m.vocab_size % tensor == 0 else 1)) * 4  # its gradient
+    logits_grad = b * t * (m.vocab_size // (tensor if m.vocab_size % tensor == 0 else 1)) * 4
+    logits += logits_grad
     saved, _, _ = _activation_parts(_with(cfg, remat=True), b, tensor)
     with_remat = saved + plain // n_layers
-    a2a = 0
+    a2a = moe_transient = 0
     if ep > 1 and n_moe:
         itemsize = jnp.dtype(tc.dtype).itemsize
         rows = b * t * m.moe.top_k
         if m.moe.dispatch == "dropless":
-            # Every device's rows may all go to one device: the receive buffer holds ep x the rows,
-            # and the grouped FFN runs over all of them (moejax.model.dispatch.expert_parallel_ffn).
+            plain -= grouped_b
+            with_remat = saved + plain // n_layers
+            kept = n_moe * 2 * rows * m.d_model * itemsize
             grouped_ep = _activation_parts(_with(cfg, remat=False), ep * b, tensor)[2]
-            a2a = grouped_ep - grouped_b + n_moe * 3 * ep * rows * m.d_model * itemsize
+            transient = grouped_ep // n_moe + 2 * ep * rows * m.d_model * itemsize
+            moe_transient = max(0, transient - logits_grad)
+            a2a = (kept // n_moe if tc.remat else kept) + moe_transient
         else:
             a2a = n_moe * 2 * rows * m.d_model * itemsize
-        if tc.remat:
-            a2a //= n_moe
+            if tc.remat:
+                a2a //= n_moe
     gathered = 0
     if sizes["fsdp"] > 1:
         # The weights gathered for the forward pass (kept for the backward pass: XLA merges the
@@ -376,6 +410,7 @@ def memory(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     parts = {"params": st["params"], "grads": st["grads"], "optimizer": st["optimizer"],
              "master_weights": 0, "grad_accumulator": st["grads"] if tc.grad_accum > 1 else 0,
              "activations": with_remat if tc.remat else plain, "logits": logits, "all_to_all": a2a,
+             "attention_blocks": max(0, _attention_blocks(cfg, b, tensor) - moe_transient),
              "fsdp_gathered": gathered, "batch": 5 * 4 * b * t}
     parts["total"] = sum(parts.values())
     return {"per_device_bytes": parts, "activations_no_remat": plain, "activations_remat": with_remat,

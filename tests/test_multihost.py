@@ -9,6 +9,7 @@ import pytest
 
 from moejax.metrics import read_metrics
 from tests.test_train import REPO, TINY_RUN
+from tests.xla import FAST_COMPILE  # the 1- and 2-process runs compile under the same flags
 
 
 def free_port() -> int:
@@ -28,7 +29,7 @@ def train_cmd(workdir, tfds_dir, *extra):
 def env(devices, **extra):
     base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
     return {**base, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", **extra}
 
 
 def losses(workdir):

@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.xla import FAST_COMPILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(REPO, "notebooks")
 NAMES = ["quickstart", "dense_to_moe", "routing_analysis"]
@@ -39,7 +41,7 @@ def executed(tmp_path_factory):
     trains the same model twice compiles it once), and XLA's cheapest CPU optimisation level: at
     these sizes compiling is nearly all of the time, and -O0 halved it (dense_to_moe alone: 98 s of
     CPU -> 50 s, same logits to 1e-7)."""
-    fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    fast_compile = FAST_COMPILE
     cache = str(tmp_path_factory.mktemp("jax_cache"))
 
     async def run(name):

@@ -8,13 +8,14 @@ import pytest
 
 from moejax import config, parallel
 from moejax.errors import ConfigError
+from tests.xla import FAST_COMPILE  # sharded and 1-device steps compile under the same flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_check(devices: int, meshes: list[dict], dispatches: str) -> list[dict]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
     proc = subprocess.run([sys.executable, "tests/parallel_check.py", json.dumps(meshes), dispatches],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,7 +85,8 @@ def test_logical_rules_skip_what_does_not_divide():
 
 
 def run_cases(cases: list[dict]) -> list[dict]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
     proc = subprocess.run([sys.executable, "tests/parallel_check.py", "--cases", json.dumps(cases)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

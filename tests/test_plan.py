@@ -76,22 +76,29 @@ def test_presets_match_published_sizes(preset, total, active):
 
 # Each case: config overrides on tests/plan_check.py's base model and a mesh of 8 simulated devices.
 # The four mesh axes at once (FSDP, the expert all-to-all, tensor splits), expert parallelism with
-# each dispatch path (dropless sizes its receive buffer for the worst case), and FSDP over all 8.
-# One device is checked in test_bench.py against the bench's own compiled step. Where the estimate
-# is known to be further off on XLA:CPU (remat, bfloat16, tensor-only meshes) docs/planning.md
-# gives the measured figures.
+# each dispatch path (dropless runs its exchange in rematerialised buffer-size branches), FSDP over
+# all 8, and the `chunked` attention (what the flash kernels are planned as) at blocks smaller than
+# the sequence, alone and under dropless expert parallelism. The base sequence (128) runs `xla`
+# attention (auto). One device is checked in test_bench.py against the bench's own compiled step.
+# Where the estimate is known to be further off on XLA:CPU (remat, bfloat16, tensor-only meshes)
+# docs/planning.md gives the measured figures.
 MEMORY_CASES = [
     {"mesh": {"fsdp": 2, "expert": 2, "tensor": 2, "data": 1},
      "sets": ["model.n_layers=1", "model.moe.num_shared_experts=1", "model.vocab_size=4096"]},
     {"mesh": {"data": 2, "expert": 4}, "sets": ["model.moe.dispatch=capacity"]},
     {"mesh": {"data": 2, "expert": 4}, "sets": ["model.moe.dispatch=dropless"]},
     {"mesh": {"fsdp": 8}, "sets": []},
+    {"mesh": {"fsdp": 2, "data": 4}, "sets": ["data.seq_len=512", "model.attention_block_q=128",
+                                              "model.attention_block_kv=128", "model.attention_impl=chunked"]},
+    {"mesh": {"data": 2, "expert": 4}, "sets": ["data.seq_len=256", "model.attention_block_q=64",
+                                                "model.attention_block_kv=64", "model.moe.dispatch=dropless",
+                                                "model.attention_impl=chunked"]},
 ]
 
 
 @pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: ",".join(f"{k}{v}" for k, v in c["mesh"].items())
-                         + "".join("," + s.split("=")[-1] for s in c["sets"] if "dispatch" in s))
-def test_memory_estimate_within_15_percent_of_xla_on_a_simulated_mesh(case):
+                         + "".join("," + s.split("=")[-1] for s in c["sets"] if "dispatch" in s or "impl" in s))
+def test_memory_estimate_within_10_percent_of_xla_on_a_simulated_mesh(case):
     """The same subprocess runs the bench with an expert axis (test_bench.py reads that part)."""
     rows = simulated_mesh_run()
     r = next(r for r in rows if r.get("case") == case)
@@ -100,7 +107,9 @@ def test_memory_estimate_within_15_percent_of_xla_on_a_simulated_mesh(case):
         assert r["parts"]["all_to_all"] > 0
     if case["mesh"].get("fsdp", 1) > 1:
         assert r["parts"]["fsdp_gathered"] > 0
-    assert abs(r["estimate"] / r["xla"] - 1) <= 0.15, r
+    if "model.attention_impl=chunked" in case["sets"] and case["mesh"].get("expert", 1) == 1:
+        assert r["parts"]["attention_blocks"] > 0  # (under dropless EP the exchange's transient is larger)
+    assert abs(r["estimate"] / r["xla"] - 1) <= 0.10, r
 
 
 _RUN: list = []
