@@ -519,14 +519,17 @@ def with_planned_attention(cfg: Config, platform: str) -> Config:
     from moejax.model import attention_impl as ai
     m = cfg.model
     impl = m.attention_impl
+    blocks = {}
     if impl == "auto":
         dtype = "bfloat16" if cfg.train.dtype == "bfloat16" else "float32"
         spec = ai.AttnSpec("auto", 1.0, m.sliding_window, m.attention_block_q, m.attention_block_kv)
         hd = m.resolved_head_dim
         impl = ai.pick_auto(platform, dtype, cfg.data.seq_len, spec, hd, hd)
+        spec = ai.auto_spec(platform, impl, cfg.data.seq_len, spec)
+        blocks = {"attention_block_q": spec.block_q, "attention_block_kv": spec.block_kv}
     if impl in ("splash", "pallas_gpu", "cudnn"):
         impl = "chunked"
-    return dataclasses.replace(cfg, model=dataclasses.replace(m, attention_impl=impl))
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, attention_impl=impl, **blocks))
 
 
 def plan(cfg: Config, devices: int, device_memory: int) -> dict[str, Any]:

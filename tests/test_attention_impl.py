@@ -107,8 +107,12 @@ def test_auto_picks_from_the_registry():
     assert ai.pick_auto("gpu", jnp.bfloat16, 4096, spec, 128, 128) == "cudnn"
     assert ai.pick_auto("gpu", jnp.float32, 4096, spec, 128, 128) == "pallas_gpu"
     assert ai.pick_auto("gpu", jnp.float32, 4096, spec._replace(window=64), 128, 128) == "chunked"
-    assert ai.pick_auto("cpu", jnp.float32, 256, spec, 64, 64) == "xla"
+    assert ai.pick_auto("cpu", jnp.float32, ai.CPU_CHUNKED_FROM - 1, spec, 64, 64) == "xla"
     assert ai.pick_auto("cpu", jnp.float32, ai.CPU_CHUNKED_FROM, spec, 64, 64) == "chunked"
+    # auto's CPU blocks: clipped to cpu_block(T), never above the configured ones
+    got = ai.auto_spec("cpu", "chunked", 256, spec._replace(block_q=512, block_kv=32))
+    assert (got.block_q, got.block_kv) == (ai.cpu_block(256), 32) == (64, 32)
+    assert ai.auto_spec("tpu", "splash", 256, spec) == spec
 
 
 @pytest.mark.parametrize("impl, seq, blocks, expected", [

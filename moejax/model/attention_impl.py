@@ -26,9 +26,16 @@ from moejax.errors import UserError
 from moejax.model.attention_chunked import chunked_attention
 from moejax.registry import Registry
 
-# CPU: from this sequence length on, `auto` picks `chunked` (docs/benchmarks.md, "Attention memory":
-# the measured crossover of the train step's time on the 2-core VM; memory favours chunked earlier).
-CPU_CHUNKED_FROM = 1024
+# CPU: from this sequence length on, `auto` picks `chunked`, with query and key blocks of at most
+# `cpu_block(T)` rows (docs/benchmarks.md, "Where `auto` switches on CPU": the attention's forward +
+# backward measured on the 2-core VM; small blocks keep each block's scores in cache, and from 128
+# tokens they beat the dense form at every length measured, 1.4-3x).
+CPU_CHUNKED_FROM = 128
+
+
+def cpu_block(t: int) -> int:
+    """The largest query / key block `auto` uses for `chunked` on CPU at sequence length `t`."""
+    return 64 if t <= 256 else 128
 
 
 class AttnSpec(NamedTuple):
@@ -223,7 +230,8 @@ ATTENTION_IMPLS.register("cudnn")(AttnImpl(_cudnn, _refuse_cudnn, ("gpu",)))
 
 def pick_auto(b: str, dtype, t: int, spec: AttnSpec, qk_dim: int, v_dim: int) -> str:
     """What `auto` runs: TPU splash; GPU cudnn where it can, else pallas_gpu, else chunked; CPU
-    xla below CPU_CHUNKED_FROM tokens, chunked from there; xla wherever a kernel refuses."""
+    xla below CPU_CHUNKED_FROM tokens, chunked from there (blocks: `auto_spec`); xla wherever a
+    kernel refuses."""
     if b == "tpu":
         order = ("splash", "chunked")
     elif b == "gpu":
@@ -235,6 +243,15 @@ def pick_auto(b: str, dtype, t: int, spec: AttnSpec, qk_dim: int, v_dim: int) ->
         if ATTENTION_IMPLS.get(name).refuse(b, dtype, t, s, qk_dim, v_dim) is None:
             return name
     return "xla"
+
+
+def auto_spec(b: str, name: str, t: int, spec: AttnSpec) -> AttnSpec:
+    """The spec `auto` runs `name` with: on CPU, `chunked` blocks clipped to `cpu_block(t)` (the
+    configured blocks are the accelerators' kernel tiles); elsewhere the spec as configured."""
+    if b != "cpu" or name != "chunked":
+        return spec
+    blk = cpu_block(t)
+    return spec._replace(block_q=min(spec.block_q, blk), block_kv=min(spec.block_kv, blk))
 
 
 def resolve(spec: AttnSpec, dtype, t: int, qk_dim: int, v_dim: int, b: str | None = None) -> str:
@@ -254,7 +271,10 @@ def resolve(spec: AttnSpec, dtype, t: int, qk_dim: int, v_dim: int, b: str | Non
 
 def attend(q, k, v, segment_ids, positions, spec: AttnSpec) -> jax.Array:
     """softmax(q k^T * scale) v under the causal / segment / window mask, by `spec.impl`."""
-    name = resolve(spec, q.dtype, q.shape[1], q.shape[-1], v.shape[-1])
+    b = backend()
+    name = resolve(spec, q.dtype, q.shape[1], q.shape[-1], v.shape[-1], b)
+    if spec.impl == "auto":
+        spec = auto_spec(b, name, q.shape[1], spec)
     return ATTENTION_IMPLS.get(name).fn(q, k, v, segment_ids, positions, spec)
 
 
@@ -264,5 +284,5 @@ def supported(b: str, dtype, t: int, spec: AttnSpec, qk_dim: int, v_dim: int) ->
             for n in ATTENTION_IMPLS.names()}
 
 
-__all__ = ["ATTENTION_IMPLS", "AttnImpl", "AttnSpec", "CPU_CHUNKED_FROM", "attend", "dense_mask",
-           "pick_auto", "resolve", "supported"]
+__all__ = ["ATTENTION_IMPLS", "AttnImpl", "AttnSpec", "CPU_CHUNKED_FROM", "attend", "auto_spec",
+           "cpu_block", "dense_mask", "pick_auto", "resolve", "supported"]
