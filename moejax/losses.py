@@ -82,3 +82,94 @@ def make_eval_step(graphdef) -> Callable:
         return lm_loss_sum(logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 
     return eval_step
+
+
+# The fused LM head + cross-entropy: where it runs, and its chunk size.
+FUSED_HEAD_MAX_WEIGHT_BYTES = 32 * 2 ** 20  # the head weight is re-read once per chunk: keep it cached
+FUSED_HEAD_CHUNK_LOGIT_BYTES = 4 * 2 ** 20  # one chunk's float32 logits [b, c, V] stay in cache
+
+
+def chunk_positions(t: int, b: int, v: int) -> int:
+    """Positions per chunk of the fused head: the largest divisor of t whose b x c x V float32
+    logits fit FUSED_HEAD_CHUNK_LOGIT_BYTES (at least 1)."""
+    target = max(1, FUSED_HEAD_CHUNK_LOGIT_BYTES // (4 * v * max(b, 1)))
+    return max(c for c in range(1, min(t, target) + 1) if t % c == 0)
+
+
+def fused_head_applies(head_dv: jax.Array, vocab_split: bool) -> bool:
+    """Whether `head_loss_sum` fuses the head into the loss: on CPU, with an unsplit vocabulary
+    and a head weight small enough to stay in cache across chunks. Measured on the 2-core VM at the
+    peer comparison's shapes (benchmarks/head_loss.py, docs/benchmarks.md): forward + backward of
+    head + loss 1.5x faster. Accelerators keep the [B, T, V] logits: large matmuls are what they
+    run best, and the vocabulary may be split over the tensor axis."""
+    nbytes = head_dv.size * head_dv.dtype.itemsize
+    return jax.default_backend() == "cpu" and not vocab_split and nbytes <= FUSED_HEAD_MAX_WEIGHT_BYTES
+
+
+def head_loss_sum(x_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array,
+                  fused: bool = True) -> jax.Array:
+    """`lm_loss_sum(x @ head)` (float32 logits), with the head's matmul fused into the loss when
+    `fused`: the logits are made `c` positions at a time (a loop over the sequence axis, so a
+    sharded batch stays sharded), and the backward pass remakes each chunk's logits from x and the
+    saved row max and log-sum-exp, then accumulates dx and d(head) from `(softmax - onehot) * mask * g`
+    (the Liger / FlashAttention trick: one more matmul, no [B, T, V] buffer, every chunk in cache)."""
+    if not fused:
+        return lm_loss_sum(jnp.einsum("btd,dv->btv", x_btd, head_dv, preferred_element_type=jnp.float32),
+                           targets_bt, mask_bt)
+    b, t, d = x_btd.shape
+    v = head_dv.shape[1]
+    c = chunk_positions(t, b, v)
+    k = t // c
+    mask_bt = mask_bt.astype(jnp.float32)
+
+    def chunk(a, i):
+        return jax.lax.dynamic_slice_in_dim(a, i * c, c, axis=1)
+
+    def logits(xc, w):
+        return jnp.einsum("bcd,dv->bcv", xc, w, preferred_element_type=jnp.float32)
+
+    def stats(xc, tc, w):  # row max, log-sum-exp of the shifted row, shifted target logit
+        lg = logits(xc, w)
+        mx = jnp.max(lg, axis=-1, keepdims=True)
+        shifted = lg - mx
+        lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+        return mx, lse, jnp.take_along_axis(shifted, tc[..., None], axis=-1)[..., 0]
+
+    def forward(x, w, t_bt):
+        def body(i, acc):
+            parts = stats(chunk(x, i), chunk(t_bt, i), w)
+            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, parts))
+
+        init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32),
+                jnp.zeros((b, t), jnp.float32))
+        return jax.lax.fori_loop(0, k, body, init)
+
+    @jax.custom_vjp
+    def ce_sum(x, w, t_bt, m_bt):
+        _, lse, tgt = forward(x, w, t_bt)
+        return jnp.sum(-(tgt - lse[..., 0]) * m_bt)
+
+    def fwd(x, w, t_bt, m_bt):
+        mx, lse, tgt = forward(x, w, t_bt)
+        nll_bt = -(tgt - lse[..., 0])
+        return jnp.sum(nll_bt * m_bt), (x, w, mx, lse, t_bt, m_bt, nll_bt)
+
+    def bwd(res, g):
+        x, w, mx, lse, t_bt, m_bt, nll_bt = res
+        scale_bt = m_bt * g
+
+        def body(i, acc):
+            dx, dw = acc
+            xc, tc, sc = chunk(x, i), chunk(t_bt, i), chunk(scale_bt, i)
+            onehot = jnp.arange(v, dtype=tc.dtype) == tc[..., None]
+            dlg = (jnp.exp((logits(xc, w) - chunk(mx, i)) - chunk(lse, i)) * sc[..., None]
+                   - jnp.where(onehot, sc[..., None], 0.0))
+            dxc = jnp.einsum("bcv,dv->bcd", dlg, w.astype(jnp.float32)).astype(x.dtype)
+            dw = dw + jnp.einsum("bcd,bcv->dv", xc.astype(jnp.float32), dlg)
+            return jax.lax.dynamic_update_slice_in_dim(dx, dxc, i * c, axis=1), dw
+
+        dx, dw = jax.lax.fori_loop(0, k, body, (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32)))
+        return dx, dw.astype(w.dtype), None, nll_bt * g
+
+    ce_sum.defvjp(fwd, bwd)
+    return ce_sum(x_btd, head_dv, targets_bt, mask_bt)

@@ -353,7 +353,9 @@ def memory(cfg: Config, sizes: dict[str, int]) -> dict[str, Any]:
     tensor axis where they have a dimension it splits. With train.remat only each block's input is
     kept, plus one block's residuals while it is recomputed in the backward pass.
     logits: the float32 [b, T, V] logits kept for the loss's backward pass, plus their gradient
-    (`train.lm_loss_sum` builds no other [b, T, V] buffer).
+    (`train.lm_loss_sum` builds no other [b, T, V] buffer). On CPU with a small head the train step
+    fuses the head into the loss (`losses.fused_head_applies`) and makes neither: there this part
+    is an over-estimate (docs/planning.md has the measured effect).
     all_to_all: with mesh.expert > 1, the send and receive buffers of the token exchange. Dropless
     exchanges run in a `lax.switch` over buffer sizes whose branches are rematerialised
     (`moejax.model.exchange.bucketed`): per MoE layer only the exchange's input and output rows are

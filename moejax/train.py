@@ -30,7 +30,8 @@ from moejax.data import open_source
 from moejax.data.pipeline import make_packer
 from moejax.errors import UserError, run_cli
 from moejax.evaluate import exact_match, held_out_questions, validation_batches, validation_loss
-from moejax.losses import lm_loss_sum, make_eval_step  # noqa: F401 (lm_loss_sum: train.lm_loss_sum users)
+from moejax.losses import (fused_head_applies, head_loss_sum, lm_loss_sum,  # noqa: F401 (train.lm_loss_sum users)
+                           make_eval_step)
 from moejax.metrics import MetricsWriter
 from moejax.model import routing
 from moejax.optim import make_optimizer, schedule
@@ -69,6 +70,24 @@ def _forward(graphdef, params, batch, rng=None):
     model = nnx.merge(graphdef, params)
     return model(batch["tokens"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                  rng=rng)
+
+
+def _loss_parts(graphdef, params, batch, rng, want_logits: bool):
+    """(LM loss sum, logits or None, aux): the head fused into the loss where it pays
+    (`losses.fused_head_applies`), the [B, T, V] logits made only when asked for (distillation)."""
+    model = nnx.merge(graphdef, params)
+    x, aux = model.features(batch["tokens"], segment_ids=batch["segment_ids"],
+                            positions=batch["positions"], rng=rng)
+    head = model.head_weight()
+    mesh = parallel.active_mesh()
+    vocab_split = mesh is not None and mesh.shape.get("tensor", 1) > 1
+    ce = head_loss_sum(x, head, batch["targets"], batch["loss_mask"],
+                       fused=fused_head_applies(head, vocab_split))
+    logits = None
+    if want_logits:
+        logits = parallel.constrain(jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32),
+                                    ("batch", "length", "vocab"))
+    return ce, logits, aux
 
 
 def router_loss(aux: dict[str, jax.Array], moe) -> jax.Array:
@@ -110,8 +129,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
                               jax.lax.stop_gradient(_forward(teacher_graphdef, teacher_params, mb)[0]))
 
             def loss_fn(p):
-                logits, aux = _forward(graphdef, p, mb, rng=key)
-                ce = lm_loss_sum(logits, mb["targets"], mb["loss_mask"])
+                ce, logits, aux = _loss_parts(graphdef, p, mb, key, want_logits=teacher_logits is not None)
                 lm = ce / n_targets if teacher_logits is None else distill.mixed_loss(
                     ce, logits, teacher_logits, mb["loss_mask"], n_targets, tc.distill)
                 return lm + router_loss(aux, moe) / a, (ce, aux)

@@ -18,6 +18,7 @@ from moejax.errors import UserError
 from moejax.metrics import read_metrics
 from moejax.model import Transformer
 from moejax.optim import make_optimizer
+from moejax.losses import chunk_positions, fused_head_applies, head_loss_sum
 from moejax.train import init_state, lm_loss_sum, make_train_step, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,39 @@ def test_lm_loss_value_and_gradient_match_numpy_in_every_chunking(b, t):
     got, got_grad = jax.value_and_grad(lm_loss_sum)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
     assert float(got) == pytest.approx(want, rel=1e-5)
     np.testing.assert_allclose(np.asarray(got_grad), want_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("b,t,v", [(2, 256, 50), (3, 60, 50), (1, 7, 50), (2, 64, 40000)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_head_loss_value_and_gradients_match_numpy(b, t, v, fused):
+    """The fused head + loss (and its unfused form) against numpy: value, dx = dlogits @ W^T and
+    dW = x^T dlogits with dlogits = (softmax - onehot) * mask. v = 50 fits each sequence in one
+    chunk; v = 40,000 allows 13 positions of 2 rows (4 MiB of logits), so (2, 64) runs 8 chunks of
+    8 positions (chunk_positions: the largest divisor of T that fits)."""
+    assert chunk_positions(256, 2, 50) == 256 and chunk_positions(64, 2, 40000) == 8
+    assert chunk_positions(256, 8, 4096) == 32 and chunk_positions(60, 3, 40000) == 6
+    rng = np.random.default_rng(2)
+    d = 8
+    x = rng.normal(size=(b, t, d)).astype(np.float32)
+    w = (rng.normal(size=(d, v)) * 0.5).astype(np.float32)
+    targets = rng.integers(0, v, (b, t)).astype(np.int32)
+    mask = rng.integers(0, 2, (b, t)).astype(np.float32)
+    logits = x.astype(np.float64) @ w.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) + logits.max(-1, keepdims=True)
+    logp = logits - lse
+    want = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum()
+    dlogits = (np.exp(logp) - np.eye(v)[targets]) * mask[..., None]
+    loss = lambda x, w: head_loss_sum(x, w, jnp.asarray(targets), jnp.asarray(mask), fused=fused)  # noqa: E731
+    got, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), dlogits @ w.T.astype(np.float64), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.einsum("btd,btv->dv", x, dlogits), atol=2e-5)
+
+
+def test_fused_head_applies_on_cpu_to_small_unsplit_heads():
+    assert fused_head_applies(jnp.zeros((256, 4096), jnp.float32), vocab_split=False)  # the peer shapes
+    assert not fused_head_applies(jnp.zeros((256, 4096), jnp.float32), vocab_split=True)
+    assert not fused_head_applies(jnp.zeros((4096, 32000), jnp.bfloat16), vocab_split=False)
 
 
 def synthetic_batch(b=4, t=16, vocab=64, seed=0):

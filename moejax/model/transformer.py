@@ -67,6 +67,20 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_bt: jax.Array, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, *, rng: jax.Array | None = None,
                  return_routing: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        x, aux = self.features(tokens_bt, segment_ids, positions, rng=rng, return_routing=return_routing)
+        logits = jnp.einsum("btd,dv->btv", x, self.head_weight(), preferred_element_type=jnp.float32)
+        return parallel.constrain(logits, ("batch", "length", "vocab")), aux
+
+    def head_weight(self) -> jax.Array:
+        """The LM head [D, V] in the compute dtype (the embedding's transpose when tied)."""
+        head = self.embed[...].T if self.head is None else self.head[...]
+        return head.astype(self.dtype)
+
+    def features(self, tokens_bt: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, *, rng: jax.Array | None = None,
+                 return_routing: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """The final-normed hidden states [B, T, D] (the LM head's input) and aux: what the train
+        step feeds to the fused head + loss (`losses.head_loss_sum`)."""
         b, t = tokens_bt.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -85,14 +99,10 @@ class Transformer(nnx.Module):
             if out is not None:
                 moe_outs.append(out)
         x = self.final_norm(x)
-        head = self.embed[...].T if self.head is None else self.head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        logits = parallel.constrain(logits, ("batch", "length", "vocab"))
         aux = moe_aux(moe_outs, self.cfg.moe, device_groups(self.cfg.moe))
         if return_routing:
             aux["routing"] = [o.routing for o in moe_outs]
-        return logits, aux
+        return x, aux
 
 
 def device_groups(m) -> int:
