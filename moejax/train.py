@@ -111,9 +111,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
                     teacher_graphdef=None) -> Callable:
     """state, batch -> state, metrics. Total loss = LM loss + aux_coef * aux + z_coef * z; with
     grad_accum = A the batch is split into A micro-batches whose gradients are summed, which equals
-    the full-batch gradient (the LM loss is normalised by the whole batch's target count)."""
+    the full-batch gradient (the LM loss is normalised by the whole batch's target count).
+    With `teacher_graphdef` and train.distill.alpha > 0 the LM loss mixes in the teacher's KL
+    (`distill.mixed_loss`); with alpha = 0 the teacher is not run and the step is the plain one."""
     moe, tc = cfg.model.moe, cfg.train
     lr_at = schedule(tc)
+    if not distill.active(cfg):
+        teacher_graphdef = None
 
     def step(state, batch, teacher_params=None):
         params = state["params"]

@@ -186,6 +186,7 @@ def _with_distill(cfg, **kw):
 
 
 def test_alpha_zero_is_plain_training_bitwise(step_setup):
+    """alpha = 0 with a teacher given is the plain step (the teacher is not run); alpha = 0.5 is not."""
     from moejax.train import make_train_step
 
     cfg, graphdef, _, t_graphdef, t_params, opt, batches, fresh = step_setup
