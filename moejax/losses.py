@@ -9,6 +9,29 @@ import numpy as np
 from flax import nnx
 
 
+def _ce_stats(x_btv, t_bt):
+    """Row max, log-sum-exp of the shifted row, shifted target logit (float32 logits)."""
+    max_bt1 = jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
+    shifted = x_btv - max_bt1
+    lse_bt1 = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+    return max_bt1, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
+
+
+def _ce_grad(x_btv, max_bt1, lse_bt1, t_bt, scale_bt):
+    """d(loss sum)/d(logits) = (softmax - onehot) * scale, the softmax remade from the saved stats."""
+    onehot = jnp.arange(x_btv.shape[-1], dtype=t_bt.dtype) == t_bt[..., None]
+    return jnp.exp((x_btv - max_bt1) - lse_bt1) * scale_bt[..., None] - jnp.where(onehot, scale_bt[..., None], 0.0)
+
+
+def _stats_by_chunk(chunk_stats, b: int, t: int, c: int):
+    """`_ce_stats` of every chunk of c positions (`chunk_stats(i)`), written into [b, t] buffers."""
+    def body(i, acc):
+        return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, chunk_stats(i)))
+
+    init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t), jnp.float32))
+    return jax.lax.fori_loop(0, t // c, body, init)
+
+
 def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
     """Sum over masked positions of the next-token cross-entropy (float32).
 
@@ -20,28 +43,18 @@ def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array
     builds two more [B, T, V] buffers in it (the scattered target gradient, the softmax); this keeps
     none but the logits' gradient itself, and each pass over a chunk stays in cache
     (docs/benchmarks.md)."""
-    b, t, v = logits_btv.shape
+    b, t, _ = logits_btv.shape
     c = int(np.gcd(t, max(8, 128 // max(b, 1))))  # positions per chunk: b * c ~ 128 rows of V
     c = c if c >= 4 else t
     k = t // c
-
-    def stats(x_btv, t_bt):  # row max, log-sum-exp of the shifted row, shifted target logit
-        max_bt1 = jax.lax.stop_gradient(jnp.max(x_btv, axis=-1, keepdims=True))
-        shifted = x_btv - max_bt1
-        lse_bt1 = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-        return max_bt1, lse_bt1, jnp.take_along_axis(shifted, t_bt[..., None], axis=-1)[..., 0]
 
     def chunk(x, i):
         return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
 
     def forward(x_btv, t_bt):
-        def body(i, acc):
-            parts = stats(chunk(x_btv, i), chunk(t_bt, i))
-            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, parts))
-
-        init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32),
-                jnp.zeros((b, t), jnp.float32))
-        return jax.lax.fori_loop(0, k, body, init) if k > 1 else stats(x_btv, t_bt)
+        if k == 1:
+            return _ce_stats(x_btv, t_bt)
+        return _stats_by_chunk(lambda i: _ce_stats(chunk(x_btv, i), chunk(t_bt, i)), b, t, c)
 
     @jax.custom_vjp
     def ce_sum(x_btv, t_bt, m_bt):
@@ -57,15 +70,11 @@ def lm_loss_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array
         x_btv, mx, lse, t_bt, m_bt, nll_bt = res
         scale_bt = m_bt * g
 
-        def grad(x, max_1, lse_1, tg, sc):
-            onehot = jnp.arange(v, dtype=tg.dtype) == tg[..., None]
-            return jnp.exp((x - max_1) - lse_1) * sc[..., None] - jnp.where(onehot, sc[..., None], 0.0)
-
         if k == 1:
-            dx = grad(x_btv, mx, lse, t_bt, scale_bt)
+            dx = _ce_grad(x_btv, mx, lse, t_bt, scale_bt)
         else:
             dx = jax.lax.fori_loop(0, k, lambda i, dx: jax.lax.dynamic_update_slice_in_dim(
-                dx, grad(*(chunk(a, i) for a in (x_btv, mx, lse, t_bt, scale_bt))), i * c, axis=1),
+                dx, _ce_grad(*(chunk(a, i) for a in (x_btv, mx, lse, t_bt, scale_bt))), i * c, axis=1),
                 jnp.zeros_like(x_btv))
         return dx, None, nll_bt * g
 
@@ -100,8 +109,8 @@ def fused_head_applies(head_dv: jax.Array, vocab_split: bool) -> bool:
     """Whether `head_loss_sum` fuses the head into the loss: on CPU, with an unsplit vocabulary
     and a head weight small enough to stay in cache across chunks. Measured on the 2-core VM at the
     peer comparison's shapes (benchmarks/head_loss.py, docs/benchmarks.md): forward + backward of
-    head + loss 1.5x faster. Accelerators keep the [B, T, V] logits: large matmuls are what they
-    run best, and the vocabulary may be split over the tensor axis."""
+    head + loss 1.4x faster, 1-2% of the whole train step. Accelerators keep the [B, T, V]
+    logits: large matmuls are what they run best, and the vocabulary may be split over `tensor`."""
     nbytes = head_dv.size * head_dv.dtype.itemsize
     return jax.default_backend() == "cpu" and not vocab_split and nbytes <= FUSED_HEAD_MAX_WEIGHT_BYTES
 
@@ -116,10 +125,8 @@ def head_loss_sum(x_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, m
     if not fused:
         return lm_loss_sum(jnp.einsum("btd,dv->btv", x_btd, head_dv, preferred_element_type=jnp.float32),
                            targets_bt, mask_bt)
-    b, t, d = x_btd.shape
-    v = head_dv.shape[1]
-    c = chunk_positions(t, b, v)
-    k = t // c
+    b, t, _ = x_btd.shape
+    c = chunk_positions(t, b, head_dv.shape[1])
     mask_bt = mask_bt.astype(jnp.float32)
 
     def chunk(a, i):
@@ -128,21 +135,8 @@ def head_loss_sum(x_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, m
     def logits(xc, w):
         return jnp.einsum("bcd,dv->bcv", xc, w, preferred_element_type=jnp.float32)
 
-    def stats(xc, tc, w):  # row max, log-sum-exp of the shifted row, shifted target logit
-        lg = logits(xc, w)
-        mx = jnp.max(lg, axis=-1, keepdims=True)
-        shifted = lg - mx
-        lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
-        return mx, lse, jnp.take_along_axis(shifted, tc[..., None], axis=-1)[..., 0]
-
     def forward(x, w, t_bt):
-        def body(i, acc):
-            parts = stats(chunk(x, i), chunk(t_bt, i), w)
-            return tuple(jax.lax.dynamic_update_slice_in_dim(a, p, i * c, axis=1) for a, p in zip(acc, parts))
-
-        init = (jnp.zeros((b, t, 1), jnp.float32), jnp.zeros((b, t, 1), jnp.float32),
-                jnp.zeros((b, t), jnp.float32))
-        return jax.lax.fori_loop(0, k, body, init)
+        return _stats_by_chunk(lambda i: _ce_stats(logits(chunk(x, i), w), chunk(t_bt, i)), b, t, c)
 
     @jax.custom_vjp
     def ce_sum(x, w, t_bt, m_bt):
@@ -160,15 +154,13 @@ def head_loss_sum(x_btd: jax.Array, head_dv: jax.Array, targets_bt: jax.Array, m
 
         def body(i, acc):
             dx, dw = acc
-            xc, tc, sc = chunk(x, i), chunk(t_bt, i), chunk(scale_bt, i)
-            onehot = jnp.arange(v, dtype=tc.dtype) == tc[..., None]
-            dlg = (jnp.exp((logits(xc, w) - chunk(mx, i)) - chunk(lse, i)) * sc[..., None]
-                   - jnp.where(onehot, sc[..., None], 0.0))
+            xc = chunk(x, i)
+            dlg = _ce_grad(logits(xc, w), chunk(mx, i), chunk(lse, i), chunk(t_bt, i), chunk(scale_bt, i))
             dxc = jnp.einsum("bcv,dv->bcd", dlg, w.astype(jnp.float32)).astype(x.dtype)
             dw = dw + jnp.einsum("bcd,bcv->dv", xc.astype(jnp.float32), dlg)
             return jax.lax.dynamic_update_slice_in_dim(dx, dxc, i * c, axis=1), dw
 
-        dx, dw = jax.lax.fori_loop(0, k, body, (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32)))
+        dx, dw = jax.lax.fori_loop(0, t // c, body, (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32)))
         return dx, dw.astype(w.dtype), None, nll_bt * g
 
     ce_sum.defvjp(fwd, bwd)
