@@ -10,8 +10,8 @@ largest difference of the value and gradients between the two.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +19,8 @@ import numpy as np
 
 from moejax.losses import chunk_positions, head_loss_sum
 
-
-def median_ms(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_cpu import median_ms  # noqa: E402
 
 
 def main() -> None:
