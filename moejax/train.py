@@ -140,10 +140,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Conf
 
             (_, (ce, aux)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
             outs = (ce, aux["aux_loss"], aux["z_loss"], aux["expert_load"], aux["dropped_fraction"])
-            return jax.tree.map(jnp.add, grads, g), outs
+            return (g if grads is None else jax.tree.map(jnp.add, grads, g)), outs
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (ce, aux_l, z_l, load, dropped) = jax.lax.scan(one, zeros, (micro, keys))
+        if a == 1:  # no loop: a one-trip scan stays a while loop on XLA:CPU (a copy and an add per step)
+            g, outs = one(None, (jax.tree.map(lambda x: x[0], micro), keys[0]))
+            grads, (ce, aux_l, z_l, load, dropped) = g, jax.tree.map(lambda x: x[None], outs)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, (ce, aux_l, z_l, load, dropped) = jax.lax.scan(one, zeros, (micro, keys))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

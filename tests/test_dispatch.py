@@ -213,19 +213,44 @@ def test_every_grouped_ffn_forward_and_gradients(impl, sizes, n, offset):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_tile_map_pads_each_group_to_a_tail_tile_only():
+    # tile 8, tail tiles of 2 rows: group 0 (3 rows) = 2 tails; group 2 (17) = 2 whole + 1 tail.
+    tm = gmm_lib.tile_map(jnp.array([3, 0, 17, 9]), 32, 8)
+    assert gmm_lib.tail_tile(8) == 2 and tm.rows == 32 + 4 * (2 - 1)  # N + E * (tail - 1), to a tail
+    assert int(tm.big_count) == 3 and int(tm.tail_count) == 2 + 1 + 1
+    np.testing.assert_array_equal(tm.big_start[:3], [4, 12, 22])      # group 2 from row 4, group 3 from 22
+    np.testing.assert_array_equal(tm.big_expert[:3], [2, 2, 3])
+    np.testing.assert_array_equal(tm.tail_start[:4], [0, 2, 20, 30])
+    np.testing.assert_array_equal(tm.tail_expert[:4], [0, 0, 2, 3])
+    want = list(range(3)) + list(range(4, 21)) + list(range(22, 31))
+    np.testing.assert_array_equal(tm.dest[:29], want)
+    # Rows beyond the groups (a fixed-size buffer's padding) land past the end, each on its own index.
+    assert all(int(i) >= tm.rows for i in tm.dest[29:]) and len(set(np.asarray(tm.dest).tolist())) == 32
+    # Padded rows: each group to a multiple of the tail, never to a whole tile.
+    sizes = np.random.default_rng(0).integers(0, 40, size=8)
+    tm = gmm_lib.tile_map(jnp.asarray(sizes), int(sizes.sum()), 16)
+    used = 16 * int(tm.big_count) + 4 * int(tm.tail_count)
+    assert used == int(np.sum(-(-sizes // 4) * 4)) <= tm.rows
+
+
 def test_tile_loop_computes_only_the_used_tiles():
-    # 3 used tiles of 4 rows; the 5 tiles after them hold NaN: never computed, so no NaN anywhere.
+    # 3 used tiles of 4 rows (two whole, one of its 2-row tails); rows after them hold NaN: never
+    # computed, so no NaN anywhere.
     rng = np.random.default_rng(4)
     x_pad = np.full((32, D), np.nan, np.float32)
-    x_pad[:12] = rng.normal(size=(12, D))
+    x_pad[:10] = rng.normal(size=(10, D))
     w = [jnp.asarray(rng.normal(size=(2,) + s) * 0.3, jnp.float32) for s in ((D, F), (D, F), (F, D))]
-    tile_expert = jnp.array([0, 1, 1, 1, 1, 1, 1, 1])
-    f = lambda x: gmm_lib.tile_loop(x, *w, tile_expert, jnp.int32(3), jnp.zeros((4,), jnp.int8))  # noqa: E731
+    whole = (jnp.array([0, 4, 28]), jnp.array([0, 1, 1]), jnp.int32(2))
+    tail = (jnp.array([8, 30]), jnp.array([1, 1]), jnp.int32(1))
+    sizes = (jnp.zeros((4,), jnp.int8), jnp.zeros((2,), jnp.int8))
+    f = lambda x: gmm_lib.tile_loop(x, *w, (whole, tail), sizes)  # noqa: E731
     y = f(jnp.asarray(x_pad))
-    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.asarray(y[12:]) == 0)
+    assert np.all(np.isfinite(np.asarray(y))) and np.all(np.asarray(y[10:]) == 0)
     want = np.concatenate([np.asarray(gmm_lib.swiglu(x_pad[:4], w[0][0], w[1][0], w[2][0])),
-                           np.asarray(gmm_lib.swiglu(x_pad[4:12], w[0][1], w[1][1], w[2][1]))])
-    np.testing.assert_allclose(y[:12], want, rtol=1e-5, atol=1e-5)
+                           np.asarray(gmm_lib.swiglu(x_pad[4:10], w[0][1], w[1][1], w[2][1]))])
+    np.testing.assert_allclose(y[:10], want, rtol=1e-5, atol=1e-5)
+    dx = jax.grad(lambda x: jnp.sum(f(x) ** 2))(jnp.asarray(np.nan_to_num(x_pad)))
+    assert np.all(np.asarray(dx[10:]) == 0) and np.any(np.asarray(dx[:10]) != 0)
     assert int(gmm_lib.used_tiles(jnp.array([3, 0, 5]), 4)) == 3
 
 
