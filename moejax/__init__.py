@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 # XLA:CPU flags moejax runs with unless the environment names them itself. XLA reads XLA_FLAGS when
 # JAX starts its CPU backend (the first computation), so importing moejax first is enough.
 #   concurrency-optimized scheduler: orders the step's operations so that independent ones overlap
-#   on the CPU's threads; the same results and buffers, 5-9% shorter train steps on the 2-core VM
-#   (docs/benchmarks.md, "Each speed change of the step").
+#   on the CPU's threads: the same results, a train step 1,125 -> 1,036 ms (median of 5 runs) at the
+#   peer comparison's shapes, at the cost of more live buffers (XLA's memory of that step 417 -> 520 MB)
+#   (docs/benchmarks.md, "2026-12-08, another host"). Set it to false in XLA_FLAGS to undo.
 CPU_XLA_FLAGS = {"xla_cpu_enable_concurrency_optimized_scheduler": "true"}
 
 
